@@ -1,0 +1,100 @@
+"""Shared fixtures: synthetic paired datasets in each published layout, and the real data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLE = Path(__file__).resolve().parents[1] / "tirsynth" / "sample"
+
+
+def pair_images(seed: int, size=(40, 32)) -> tuple[Image.Image, Image.Image]:
+    """A random RGB image and a TIR image derived from it (so the pair is 'registered')."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    tir = (255 - rgb.mean(axis=2)).astype(np.uint8)
+    return Image.fromarray(rgb), Image.fromarray(tir)
+
+
+def write_pair(rgb_path: Path, tir_path: Path, seed: int, size=(40, 32), fmt="PNG") -> None:
+    rgb, tir = pair_images(seed, size)
+    for image, path in ((rgb, rgb_path), (tir, tir_path)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, format=fmt)
+
+
+@pytest.fixture
+def roadscene_dir(tmp_path) -> Path:
+    root = tmp_path / "RoadScene"
+    for i in range(6):
+        write_pair(
+            root / "crop_LR_visible" / f"FLIR_{i:05d}.jpg",
+            root / "cropinfrared" / f"FLIR_{i:05d}.jpg",
+            i,
+            fmt="JPEG",
+        )
+    return root
+
+
+@pytest.fixture
+def llvip_dir(tmp_path) -> Path:
+    root = tmp_path / "LLVIP"
+    for split, start in (("train", 10000), ("test", 19000)):
+        for i in range(3):
+            stem = f"{start + i:06d}"
+            write_pair(
+                root / "visible" / split / f"{stem}.jpg",
+                root / "infrared" / split / f"{stem}.jpg",
+                start + i,
+                fmt="JPEG",
+            )
+            write_voc(root / "Annotations" / f"{stem}.xml", [("person", (1, 2, 11, 22))])
+    return root
+
+
+@pytest.fixture
+def kaist_dir(tmp_path) -> Path:
+    root = tmp_path / "kaist-rgbt"
+    for set_number in (0, 3, 6, 9):
+        folder = root / "images" / f"set{set_number:02d}" / "V000"
+        write_pair(
+            folder / "visible" / "I00000.jpg",
+            folder / "lwir" / "I00000.jpg",
+            set_number,
+            fmt="JPEG",
+        )
+        labels = root / "annotations" / f"set{set_number:02d}" / "V000" / "I00000.txt"
+        labels.parent.mkdir(parents=True, exist_ok=True)
+        labels.write_text("% bbGt version=3\nperson 5 6 7 8 1 0 0 0 0 0 0\n")
+    return root
+
+
+def write_voc(path: Path, objects: list[tuple[str, tuple[int, int, int, int]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(
+        f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1) in objects
+    )
+    path.write_text(f"<annotation>{body}</annotation>")
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "roadscene").is_dir():
+        pytest.skip(f"real RoadScene/LLVIP data not found at {SHARED_DATA} (../shared/data)")
+    return SHARED_DATA

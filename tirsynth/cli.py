@@ -1,0 +1,188 @@
+"""The `tirsynth` command: one subcommand per stage, each a thin shell over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tirsynth import __version__, shards
+from tirsynth.config import IngestConfig, dump_config, load_config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tirsynth")
+def main() -> None:
+    """Turn RGB image corpora into synthetic thermal-infrared datasets with valid labels.
+
+    raw pairs -> ingest -> pair shards -> train -> checkpoint -> generate -> TIR shards
+    """
+
+
+@main.command()
+@click.argument("sources", nargs=-1, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML with ingest options (flags given here win).",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "roadscene", "llvip", "kaist", "folders", "csv"]),
+    help="Force the layout of every SRC.",
+)
+@click.option(
+    "--rgb",
+    "rgb_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Generic pairs: folder of RGB images ...",
+)
+@click.option(
+    "--tir",
+    "tir_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="... and folder of TIR images, matched by relative path and stem.",
+)
+@click.option("--dataset", help="Dataset name for generic layouts (default: folder name).")
+@click.option(
+    "--meta",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV with a stem or key column; other columns (e.g. daynight) are merged.",
+)
+@click.option(
+    "--daynight",
+    type=click.Choice(["layout", "auto", "day", "night"]),
+    help="layout: as the dataset says (default); auto: estimate when it does not "
+    "say; day/night: set for all. A --meta row always wins.",
+)
+@click.option(
+    "--split",
+    help="train,val,test fractions by key hash, for datasets without "
+    "their own split [default: 0.8,0.1,0.1].",
+)
+@click.option("--shard-size", type=click.IntRange(min=1), help="Pairs per shard [256].")
+@click.option(
+    "--resize",
+    type=click.Choice(["none", "rgb", "tir"]),
+    help="Resize this side of a size-mismatched pair to the other's size "
+    "(default none: reject the pair).",
+)
+@click.option(
+    "--verify",
+    type=click.Choice(["fast", "full"]),
+    help="fast: check headers and end markers (default); full: decode every pixel.",
+)
+@click.option("--max-pixels", type=click.IntRange(min=1), help="Decompression-bomb limit.")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes (0: all cores).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a different ingest in OUT.")
+@click.option(
+    "--strict", is_flag=True, default=None, help="Exit non-zero if anything was rejected."
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option, as YAML.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
+def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
+    """Paired RGB/TIR datasets (RoadScene, LLVIP, KAIST, folders, CSV) -> pair shards."""
+    from tirsynth import ingest as ingest_stage
+
+    given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None and k != "split"]
+    given += [f"split=[{flags['split']}]"] if flags["split"] else []
+    given += [f"sources={json.dumps(list(sources))}"] if sources else []
+    cfg = _load(config_path, IngestConfig, given + list(overrides))
+    if dry_run:
+        dump_config(cfg, Path("/dev/stdout"))
+        return
+    try:
+        result = ingest_stage.run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    _print_ingest_summary(result)
+    if result.pairs == 0 or (cfg.strict and result.rejects):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(root, as_json) -> None:
+    """Counts of a pair-shard folder by split, dataset and day/night; rejects by reason."""
+    summary = shards.summarize(root)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        f"{root}: {summary['pairs']} pairs in {summary['shards']} shards "
+        f"(status: {summary['status']})"
+    )
+    for title, field in (
+        ("split", "by_split"),
+        ("dataset", "by_dataset"),
+        ("day/night", "by_daynight"),
+        ("dataset/day-night", "by_dataset_daynight"),
+        ("rejects by reason", "rejects_by_reason"),
+    ):
+        counts = summary[field]
+        if counts:
+            click.echo(f"  {title}:")
+            for name, count in sorted(counts.items()):
+                click.echo(f"    {name:<48} {count:>7}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: each prints its figures and the ratio to its limit."""
+
+
+@bench.command("ingest")
+@click.argument("sources", nargs=-1, type=click.Path(exists=True))
+@click.option("--meta", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Also measure a corpus this many times larger (copies under other names).",
+)
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
+def bench_ingest(sources, meta, repeat, workers) -> None:
+    """Pairs/s of ingest against the floor: reading and hashing the same files once."""
+    from tirsynth import bench as bench_module
+
+    for line in bench_module.bench_ingest(list(sources), meta, repeat, workers):
+        click.echo(line)
+
+
+def _load(path, cls, overrides):
+    try:
+        return load_config(path, cls, overrides)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _print_ingest_summary(result) -> None:
+    from tirsynth.ingest import reject_summary
+
+    summary = shards.summarize(result.out)
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_split"].items()))
+    daynight = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_daynight"].items()))
+    click.echo(
+        f"ingested {result.added} new pairs; {result.out} now holds {result.pairs} "
+        f"pairs ({splits}; {daynight})"
+    )
+    if result.rejects:
+        click.echo(f"skipped {len(result.rejects)} inputs (see {result.out}/rejects.parquet):")
+        for reason, count in reject_summary(result.rejects).most_common():
+            click.echo(f"  {count:>6}  {reason}")
+    if result.meta_unmatched:
+        shown = ", ".join(result.meta_unmatched[:5])
+        click.echo(
+            f"{len(result.meta_unmatched)} --meta rows matched no sample: {shown}"
+            + (" ..." if len(result.meta_unmatched) > 5 else "")
+        )
+
+
+if __name__ == "__main__":
+    main()

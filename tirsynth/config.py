@@ -1,0 +1,165 @@
+"""Typed, frozen config dataclasses and a strict YAML loader.
+
+`load_config(path, cls, overrides)` reads YAML with `yaml.safe_load`, applies `--set a.b=v`
+overrides and builds `cls`; an unknown key raises naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+Layout = Literal["auto", "roadscene", "llvip", "kaist", "folders", "csv"]
+DayNightMode = Literal["layout", "auto", "day", "night"]
+ResizeSide = Literal["none", "rgb", "tir"]
+VerifyMode = Literal["fast", "full"]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Options of `tirsynth ingest` (see `tirsynth ingest --help` for each one's meaning)."""
+
+    sources: tuple[str, ...] = ()
+    out: str = "data"
+    layout: Layout = "auto"
+    rgb_dir: str | None = None  # generic pairs: two folders matched by relative stem
+    tir_dir: str | None = None
+    dataset: str | None = None  # dataset name for generic pairs (default: folder name)
+    meta: str | None = None  # CSV with a `stem` or `key` column merged into samples
+    daynight: DayNightMode = "layout"
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test by key hash
+    shard_size: int = 256  # pairs per shard
+    resize: ResizeSide = "none"  # resize this side of a size-mismatched pair to the other's
+    verify: VerifyMode = "fast"  # fast: header + end marker; full: decode every pixel
+    max_pixels: int = 178_956_970  # decompression-bomb limit per image (Pillow's default x2)
+    workers: int = 0  # processes; 0 = all cores
+    overwrite: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if len(self.split) != 3 or any(p < 0 for p in self.split) or sum(self.split) <= 0:
+            raise ValueError(f"split must be three non-negative fractions, got {self.split}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if (self.rgb_dir is None) != (self.tir_dir is None):
+            raise ValueError("rgb_dir and tir_dir go together (generic folder pairs)")
+
+
+def load_config(path: str | Path | None, cls: type[T], overrides: list[str] = ()) -> T:
+    """Build `cls` from a YAML file (or defaults when `path` is None) plus `key=value` overrides.
+
+    Args:
+        path: YAML file whose mapping mirrors `cls`'s fields, or None.
+        cls: a config dataclass.
+        overrides: strings `dotted.key=value`; values are parsed as YAML scalars.
+
+    Returns:
+        The config instance.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return from_dict(cls, data)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Strictly convert a nested mapping to dataclass `cls`; unknown keys raise."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key {path + unknown[0]!r} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: coerce(hints[name], value, path + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-YAML-safe dict of a config (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def dump_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_literals(cfg: Any) -> None:
+    """Raise if a `Literal[...]` field holds a value outside its choices."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        choices = _literal_choices(hints[f.name])
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return None if value is None else coerce(args[0], value, path)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        args = get_args(hint)
+        item_type = args[0] if args else Any
+        return tuple(coerce(item_type, v, path) for v in items)
+    if origin is Literal:
+        return value  # checked in __post_init__ with the field's name
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)):
+        return str(value)
+    if hint is Any:
+        return value
+    raise ValueError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in get_args(hint):
+            if get_origin(arg) is Literal:
+                return get_args(arg) + (None,)
+    return ()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,173 @@
+"""Pair shards -> a streaming torch dataset of (RGB, TIR) tensors for training and evaluation.
+
+Each epoch's samples are cut into contiguous, equal parts, one per (rank, DataLoader worker),
+so every sample is seen exactly once per epoch and rank sizes differ by at most one sample
+(or not at all with `even_ranks=True`). A part opens only the shards it overlaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tirsynth import shards
+
+
+class PairDataset(IterableDataset):
+    """Streams `{"rgb": (3, S, S), "tir": (1, S, S), "key", "dataset", "daynight"}` samples.
+
+    Args:
+        root: a pair-shard folder written by `tirsynth ingest`.
+        split: "train", "val" or "test".
+        image_size: side S of the square output.
+        augment: pix2pix augmentation (resize to `load_size`, random S crop, random
+            horizontal flip, the same for RGB and TIR); otherwise a plain resize to S.
+        load_size: resize side before the random crop (pix2pix: 286 for S=256).
+        shuffle: shuffle shard order and samples within a buffer, per epoch.
+        seed: base seed; with `set_epoch`, order and augmentation are reproducible.
+        rank, world_size: distributed position; default from torch.distributed if initialised.
+        even_ranks: drop up to world_size-1 samples so every rank gets the same count, which
+            keeps DDP collectives in step.
+        shuffle_buffer: samples held for in-part shuffling.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        image_size: int = 256,
+        augment: bool = False,
+        load_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        even_ranks: bool = False,
+        shuffle_buffer: int = 64,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        rows = [r for r in shards.read_index(self.root) if r["split"] == split]
+        if not rows:
+            raise ValueError(f"{root}: no samples in split {split!r}")
+        # Index rows are written shard by shard in tar order; keep that order per shard.
+        self.shard_keys: dict[str, list[str]] = {}
+        for row in rows:
+            self.shard_keys.setdefault(row["shard"], []).append(row["key"])
+        self.split = split
+        self.image_size = image_size
+        self.load_size = load_size or round(image_size * 286 / 256)
+        self.augment = augment
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.even_ranks = even_ranks
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        start, stop = self._rank_range()
+        return stop - start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        order = self._epoch_order()
+        start, stop = self._rank_range()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        bounds = np.linspace(start, stop, workers + 1).round().astype(int)
+        part = order[bounds[worker] : bounds[worker + 1]]
+        wanted = {key for _, key in part}
+        needed = list(dict.fromkeys(shard for shard, _ in part))
+        rng = random.Random(f"{self.seed}-{self.epoch}-{start}-{worker}")
+        samples = (self._transform(s) for s in self._read(needed) if s["__key__"] in wanted)
+        yield from _buffer_shuffle(samples, self.shuffle_buffer, rng) if self.shuffle else samples
+
+    def _epoch_order(self) -> list[tuple[str, str]]:
+        shard_names = sorted(self.shard_keys)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(shard_names)
+        return [(shard, key) for shard in shard_names for key in self.shard_keys[shard]]
+
+    def _rank_range(self) -> tuple[int, int]:
+        rank, world = self._distributed_position()
+        total = sum(len(keys) for keys in self.shard_keys.values())
+        if self.even_ranks:
+            per_rank = total // world
+            return rank * per_rank, (rank + 1) * per_rank
+        bounds = np.linspace(0, total, world + 1).round().astype(int)
+        return int(bounds[rank]), int(bounds[rank + 1])
+
+    def _distributed_position(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _read(self, shard_names: list[str]) -> Iterator[dict[str, Any]]:
+        for name in shard_names:
+            yield from shards.read_shard(self.root / name)
+
+    def _transform(self, sample: dict[str, Any]) -> dict[str, Any]:
+        record = json.loads(sample["json"])
+        rgb_member = next(k for k in sample if k.startswith("rgb."))
+        tir_member = next(k for k in sample if k.startswith("tir."))
+        rgb = Image.fromarray(shards.decode_rgb(sample[rgb_member]))
+        tir_pixels = shards.decode_tir(sample[tir_member])
+        tir_scale = 65535.0 if tir_pixels.dtype == np.uint16 else 255.0
+        # Float mode keeps 16-bit TIR exact through resizing.
+        tir = Image.fromarray(tir_pixels.astype(np.float32) / tir_scale)
+        if self.augment:
+            rgb, tir = self._augment(rgb, tir, sample["__key__"])
+        else:
+            size = (self.image_size, self.image_size)
+            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+            tir = tir.resize(size, Image.Resampling.BICUBIC)
+        rgb_tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
+        tir_tensor = torch.from_numpy(np.clip(np.asarray(tir, dtype=np.float32), 0, 1) * 2 - 1)
+        return {
+            "rgb": rgb_tensor.permute(2, 0, 1).contiguous(),  # (3, S, S) in [-1, 1]
+            "tir": tir_tensor.unsqueeze(0),  # (1, S, S) in [-1, 1]
+            "key": sample["__key__"],
+            "dataset": record["dataset"],
+            "daynight": record["daynight"],
+        }
+
+    def _augment(self, rgb: Image.Image, tir: Image.Image, key: str):
+        # Seeded by key and epoch: the same sample gets the same crop however it is sharded.
+        digest = hashlib.sha256(f"{self.seed}-{self.epoch}-{key}".encode()).digest()
+        rng = random.Random(digest)
+        load, size = self.load_size, self.image_size
+        rgb = rgb.resize((load, load), Image.Resampling.BICUBIC)
+        tir = tir.resize((load, load), Image.Resampling.BICUBIC)
+        left, top = rng.randint(0, load - size), rng.randint(0, load - size)
+        box = (left, top, left + size, top + size)
+        rgb, tir = rgb.crop(box), tir.crop(box)
+        if rng.random() < 0.5:
+            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            tir = tir.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return rgb, tir
+
+
+def _buffer_shuffle(samples, size: int, rng: random.Random):
+    buffer = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer

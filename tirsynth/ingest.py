@@ -1,0 +1,430 @@
+"""Paired RGB/TIR datasets in their published layouts -> pair shards (see `shards`).
+
+`run(cfg)` discovers pairs, tags split and day/night, converts them in a process pool
+(each worker writes whole shards) and commits each finished shard to `index.parquet`, so a
+killed run resumes where it stopped. Bad inputs land in `rejects.parquet` with a reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tirsynth import __version__, images, layouts, shards
+from tirsynth.config import IngestConfig, to_dict
+from tirsynth.layouts import PairSource, Reject
+
+LOCK = ".ingest.lock"
+OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    source: PairSource
+    split: str
+    daynight: str | None  # None: estimate from the RGB image in the worker
+    daynight_source: str  # meta | cli | layout | auto | unknown
+    extra: tuple[tuple[str, str], ...] = ()  # metadata CSV columns for this sample
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    path: Path
+    pairs: tuple[PlannedPair, ...]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    out: Path
+    added: int  # pairs stored by this run
+    pairs: int  # pairs in the folder now
+    rejects: list[dict[str, Any]]
+    meta_unmatched: list[str]
+
+
+def run(cfg: IngestConfig) -> IngestResult:
+    """Ingest `cfg.sources` into pair shards under `cfg.out`.
+
+    Args:
+        cfg: the ingest options.
+
+    Returns:
+        What was stored and what was rejected (also written to `cfg.out`).
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out):
+        inputs, pairs, rejects = discover_all(cfg)
+        meta_rows = read_meta(cfg.meta) if cfg.meta else []
+        fingerprint = compute_fingerprint(cfg, inputs)
+        prepare_output(out, fingerprint, cfg.overwrite)
+        done = {row["key"] for row in shards.read_index(out)}
+        planned, meta_unmatched = plan_pairs(pairs, meta_rows, cfg)
+        planned, duplicates = drop_duplicate_keys(planned)
+        rejects += duplicates
+        pending = [p for p in planned if p.source.key not in done]
+        manifest = build_manifest(cfg, inputs, fingerprint, meta_unmatched, status="incomplete")
+        shards.write_json(out / shards.MANIFEST, manifest)
+        reject_rows = [reject_row(r) for r in rejects]
+        shards.write_rejects(out, reject_rows)
+        added = write_pending(out, pending, cfg, reject_rows)
+        index = shards.read_index(out)
+        manifest.update(status="complete", counts=shards.summarize(out))
+        shards.write_json(out / shards.MANIFEST, manifest)
+    return IngestResult(out, added, len(index), reject_rows, meta_unmatched)
+
+
+def discover_all(cfg: IngestConfig) -> tuple[list[dict], list[PairSource], list[Reject]]:
+    """Pairs and name-level rejects of every source, in a stable order."""
+    inputs, pairs, rejects = [], [], []
+    for source in cfg.sources:
+        found, bad, used = layouts.discover(source, cfg.layout, cfg.dataset)
+        inputs.append({"source": str(Path(source).resolve()), "layout": used, "pairs": len(found)})
+        pairs += found
+        rejects += bad
+    if cfg.rgb_dir is not None:
+        name = layouts.dataset_name(cfg.dataset or Path(cfg.rgb_dir).resolve().parent.name)
+        found, bad = layouts.match_folders(Path(cfg.rgb_dir), Path(cfg.tir_dir), name)
+        inputs.append(
+            {
+                "rgb": str(Path(cfg.rgb_dir).resolve()),
+                "tir": str(Path(cfg.tir_dir).resolve()),
+                "layout": "folders",
+                "pairs": len(found),
+            }
+        )
+        pairs += found
+        rejects += bad
+    if not inputs:
+        raise ValueError("nothing to ingest: give SRC paths or --rgb DIR --tir DIR")
+    return inputs, pairs, rejects
+
+
+def read_meta(path: str) -> list[dict[str, str]]:
+    """Rows of a metadata CSV; each needs a `stem` or `key` column."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not ({"stem", "key"} & rows[0].keys()):
+        raise ValueError(f"{path}: a metadata CSV needs a 'stem' or 'key' column")
+    for row in rows:
+        if row.get("daynight") not in (None, "", "day", "night"):
+            raise ValueError(f"{path}: daynight must be day or night, got {row['daynight']!r}")
+    return rows
+
+
+def plan_pairs(
+    pairs: list[PairSource], meta_rows: list[dict[str, str]], cfg: IngestConfig
+) -> tuple[list[PlannedPair], list[str]]:
+    """Give each pair its split and day/night; merge metadata rows.
+
+    Day/night comes from, in order: a metadata row, `--daynight day|night`, the dataset's
+    layout, and with `--daynight auto` an estimate from the RGB image.
+    """
+    by_key = {row["key"]: row for row in meta_rows if row.get("key")}
+    by_stem = {row["stem"]: row for row in meta_rows if row.get("stem")}
+    used: set[int] = set()
+    planned = []
+    for pair in pairs:
+        row = by_key.get(pair.key) or by_stem.get(pair.stem)
+        if row is not None:
+            used.add(id(row))
+        extra = {k: v for k, v in (row or {}).items() if k not in ("key", "stem") and v != ""}
+        daynight = extra.pop("daynight", None)
+        if daynight:
+            source = "meta"
+        elif cfg.daynight in ("day", "night"):
+            daynight, source = cfg.daynight, "cli"
+        elif pair.daynight:
+            daynight, source = pair.daynight, "layout"
+        elif cfg.daynight == "auto":
+            daynight, source = None, "auto"
+        else:
+            daynight, source = "unknown", "unknown"
+        split = pair.split or hash_split(pair.key, cfg.split)
+        planned.append(PlannedPair(pair, split, daynight, source, tuple(sorted(extra.items()))))
+    unmatched = [row.get("key") or row["stem"] for row in meta_rows if id(row) not in used]
+    return planned, unmatched
+
+
+def hash_split(key: str, fractions: tuple[float, float, float]) -> str:
+    """Deterministic split from a hash of the key: same key, same split, every run."""
+    position = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
+    cumulative = 0.0
+    total = sum(fractions)
+    for split, fraction in zip(shards.SPLITS, fractions, strict=True):
+        cumulative += fraction / total
+        if position < cumulative:
+            return split
+    return shards.SPLITS[-1]
+
+
+def drop_duplicate_keys(planned: list[PlannedPair]) -> tuple[list[PlannedPair], list[Reject]]:
+    seen: dict[str, PlannedPair] = {}
+    rejects = []
+    for pair in planned:
+        first = seen.setdefault(pair.source.key, pair)
+        if first is not pair:
+            reason = f"duplicate key: same dataset and relative path as {first.source.rgb}"
+            src = pair.source
+            rejects.append(Reject(src.dataset, reason, src.key, src.rgb, src.tir))
+    return list(seen.values()), rejects
+
+
+def write_pending(
+    out: Path, pending: list[PlannedPair], cfg: IngestConfig, reject_rows: list[dict]
+) -> int:
+    """Convert pending pairs in shard-sized tasks; commit each finished shard."""
+    workers = cfg.workers or os.cpu_count() or 1
+    tasks = list(plan_tasks(out, pending, cfg.shard_size, workers))
+    index = shards.read_index(out)
+    added = 0
+    options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
+    with tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar:
+        for rows, rejected in _map(write_task, [(t, options) for t in tasks], workers):
+            shard_bytes = _shard_size(tasks[0].path.parent / rows[0]["shard"]) if rows else 0
+            rows = [{**row, "shard_bytes": shard_bytes} for row in rows]
+            index += rows
+            reject_rows += rejected
+            # Shard first (renamed by the worker), then the index: an index row always
+            # points to a complete shard; a shard with no rows is removed on resume.
+            shards.write_table(out / shards.INDEX, index)
+            shards.write_rejects(out, reject_rows)
+            added += len(rows)
+            bar.update(len(rows) + len(rejected))
+    return added
+
+
+def plan_tasks(
+    out: Path, pending: list[PlannedPair], shard_size: int, workers: int
+) -> Iterator[ShardTask]:
+    """Group pending pairs by split into shards numbered after the existing ones."""
+    # Smaller shards when there is little to do, so that every worker gets some.
+    size = max(1, min(shard_size, math.ceil(len(pending) / (4 * workers))))
+    for split in sorted({p.split for p in pending}):
+        todo = [p for p in pending if p.split == split]
+        number = _next_shard_number(out, split)
+        for start in range(0, len(todo), size):
+            yield ShardTask(
+                out / shards.shard_name(split, number), tuple(todo[start : start + size])
+            )
+            number += 1
+
+
+def write_task(args: tuple[ShardTask, dict]) -> tuple[list[dict], list[dict]]:
+    """Worker: read, check and convert one task's pairs, then write its shard."""
+    task, options = args
+    samples, rows, rejected = [], [], []
+    for pair in task.pairs:
+        try:
+            sample, row = build_sample(pair, task.path.name, options)
+        except images.ImageRejected as err:
+            src = pair.source
+            rejected.append(reject_row(Reject(src.dataset, str(err), src.key, src.rgb, src.tir)))
+            continue
+        samples.append(sample)
+        rows.append(row)
+    if samples:
+        shards.write_shard(task.path, samples)
+    return rows, rejected
+
+
+def build_sample(pair: PlannedPair, shard: str, options: dict) -> tuple[dict, dict]:
+    """One pair -> (tar sample, index row); raises ImageRejected with the reason."""
+    src = pair.source
+    rgb = _read_side(src.rgb, "rgb", options)
+    tir = _read_side(src.tir, "tir", options)
+    if (rgb.width, rgb.height) != (tir.width, tir.height):
+        if options["resize"] == "tir":
+            tir = images.resize_image(tir, (rgb.width, rgb.height), "tir")
+        elif options["resize"] == "rgb":
+            rgb = images.resize_image(rgb, (tir.width, tir.height), "rgb")
+        else:
+            raise images.ImageRejected(
+                f"size mismatch: RGB {rgb.width}x{rgb.height} vs TIR {tir.width}x{tir.height} "
+                "(registered pairs must match; --resize rgb|tir resizes one side)"
+            )
+    daynight, daynight_source, sky_luma = pair.daynight, pair.daynight_source, None
+    if daynight is None:
+        daynight, sky_luma = images.estimate_daynight(rgb.data)
+    row = {
+        "key": src.key,
+        "shard": shard,
+        "split": pair.split,
+        "dataset": src.dataset,
+        "daynight": daynight,
+        "daynight_source": daynight_source,
+        "width": rgb.width,
+        "height": rgb.height,
+        "rgb_member": f"rgb.{rgb.ext}",
+        "tir_member": f"tir.{tir.ext}",
+        "tir_bits": tir.bits,
+        "rgb_sha256": rgb.sha256,
+        "tir_sha256": tir.sha256,
+        "rgb_source_sha256": rgb.source_sha256,
+        "tir_source_sha256": tir.source_sha256,
+        "rgb_path": src.rgb,
+        "tir_path": src.tir,
+        "rgb_conversion": rgb.conversion,
+        "tir_conversion": tir.conversion,
+        **dict(pair.extra),
+    }
+    record = {k: v for k, v in row.items() if k != "shard"}
+    if sky_luma is not None:
+        record["daynight_sky_luma"] = round(sky_luma, 2)
+    if src.annotation:
+        try:
+            record["annotations"] = layouts.read_annotation(src.annotation)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise images.ImageRejected(f"unreadable annotation {src.annotation}: {err}") from err
+    sample = {
+        "__key__": src.key,
+        row["rgb_member"]: rgb.data,
+        row["tir_member"]: tir.data,
+        "json": json.dumps(record, ensure_ascii=False).encode(),
+    }
+    return sample, row
+
+
+def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> None:
+    """Check that `out` is empty or holds this same ingest; clear what a killed run left."""
+    manifest = shards.read_manifest(out)
+    ours = [p for p in out.iterdir() if _is_ours(p)]
+    foreign = [p for p in out.iterdir() if not _is_ours(p) and p.name != LOCK]
+    same = manifest is not None and manifest.get("fingerprint") == fingerprint
+    if not same and (ours or foreign):
+        if not overwrite:
+            what = "a different ingest" if manifest else "files that are not an ingest"
+            raise FileExistsError(
+                f"{out} already holds {what}; pass --overwrite to replace it, or choose "
+                "another --out"
+            )
+        if foreign:
+            raise FileExistsError(
+                f"{out} holds files tirsynth did not write ({foreign[0].name}, ...); "
+                "refusing to clear it"
+            )
+        for path in ours:
+            path.unlink()
+        return
+    index = shards.read_index(out)
+    intact = {r["shard"] for r in index if _shard_size(out / r["shard"]) == r["shard_bytes"]}
+    if len(intact) < len({r["shard"] for r in index}):
+        # A system crash can leave a renamed but unflushed shard: redo its pairs.
+        shards.write_table(out / shards.INDEX, [r for r in index if r["shard"] in intact])
+    indexed = intact
+    for path in ours:
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        orphan = path.suffix == ".tar" and path.name not in indexed
+        if stale_tmp or orphan:
+            path.unlink()
+
+
+def compute_fingerprint(cfg: IngestConfig, inputs: list[dict]) -> str:
+    options = {k: v for k, v in to_dict(cfg).items() if k in OPTIONS_IN_FINGERPRINT}
+    meta = Path(cfg.meta).read_bytes() if cfg.meta else b""
+    payload = json.dumps({"inputs": inputs, "options": options}, sort_keys=True).encode()
+    return hashlib.sha256(payload + hashlib.sha256(meta).digest()).hexdigest()
+
+
+def build_manifest(
+    cfg: IngestConfig,
+    inputs: list[dict],
+    fingerprint: str,
+    meta_unmatched: list[str],
+    status: str,
+) -> dict[str, Any]:
+    return {
+        "tool": "tirsynth",
+        "version": __version__,
+        "stage": "ingest",
+        "status": status,
+        "fingerprint": fingerprint,
+        "inputs": inputs,
+        "meta": str(Path(cfg.meta).resolve()) if cfg.meta else None,
+        "meta_unmatched": meta_unmatched,
+        "options": to_dict(cfg),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def reject_row(reject: Reject) -> dict[str, Any]:
+    return {
+        "key": reject.key,
+        "dataset": reject.dataset,
+        "rgb_path": reject.rgb,
+        "tir_path": reject.tir,
+        "reason": reject.reason,
+    }
+
+
+def reject_summary(rejects: list[dict]) -> Counter:
+    return Counter(r["reason"].split(":", 1)[0] for r in rejects)
+
+
+def _read_side(path: str, role: str, options: dict) -> images.StoredImage:
+    try:
+        return images.read_image(
+            path, role, verify=options["verify"], max_pixels=options["max_pixels"]
+        )
+    except images.ImageRejected as err:
+        raise images.ImageRejected(f"{role.upper()} {err}") from err
+
+
+def _map(function, items: list, workers: int):
+    """Ordered-or-not parallel map that yields results as they finish."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    # fork: workers inherit imports and the ingest lock (held until the last one exits).
+    with multiprocessing.get_context("fork").Pool(min(workers, len(items))) as pool:
+        yield from pool.imap_unordered(function, items)
+
+
+def _next_shard_number(out: Path, split: str) -> int:
+    numbers = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"{split}-*.tar")]
+    return max(numbers, default=-1) + 1
+
+
+def _shard_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else -1
+
+
+def _is_ours(path: Path) -> bool:
+    name = path.name
+    return (
+        name in (shards.INDEX, shards.REJECTS, shards.MANIFEST)
+        or (name.endswith(".tar") and name.split("-")[0] in shards.SPLITS)
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
+class _exclusive_lock:
+    """flock on OUT/.ingest.lock: one ingest per folder at a time."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+
+    def __enter__(self):
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another ingest into {self.path.parent} to finish ...")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
