@@ -25,3 +25,10 @@ def test_bad_choice_and_type_are_refused():
         load_config(None, IngestConfig, ["shard_size=many"])
     with pytest.raises(ValueError, match="split"):
         IngestConfig(split=(1.0, -1.0, 0.0))
+
+
+def test_documented_defaults_file_matches_the_code():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ingest.yaml"
+    assert load_config(path, IngestConfig) == IngestConfig()

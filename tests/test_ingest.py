@@ -72,7 +72,7 @@ def test_layouts_in_one_call(tmp_path, roadscene_dir, llvip_dir, kaist_dir):
 def test_stored_pixels_equal_the_sources(tmp_path, roadscene_dir):
     out = tmp_path / "out"
     run([roadscene_dir], out)
-    for key, sample in stored_samples(out).items():
+    for sample in stored_samples(out).values():
         record = json.loads(sample["json"])
         rgb = shards.decode_rgb(sample["rgb.jpg"])
         tir = shards.decode_tir(sample["tir.jpg"])

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
 from tirsynth import __version__, shards
-from tirsynth.config import IngestConfig, dump_config, load_config
+from tirsynth.config import IngestConfig, config_yaml, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,7 +92,7 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
     given += [f"sources={json.dumps(list(sources))}"] if sources else []
     cfg = _load(config_path, IngestConfig, given + list(overrides))
     if dry_run:
-        dump_config(cfg, Path("/dev/stdout"))
+        click.echo(config_yaml(cfg), nl=False)
         return
     try:
         result = ingest_stage.run(cfg)

@@ -99,11 +99,15 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-YAML-safe dict of a config (tuples become lists)."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    return _plain(dataclasses.asdict(cfg))
+
+
+def config_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def dump_config(cfg: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(config_yaml(cfg))
 
 
 def check_literals(cfg: Any) -> None:

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLE
+
+from tirsynth.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["ingest"], ["info"], ["bench"], ["bench", "ingest"]])
+def test_help(command):
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_ingest_and_info_on_the_built_in_sample(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "data"
+    result = runner.invoke(
+        main,
+        [
+            "ingest",
+            str(SAMPLE / "roadscene"),
+            "--meta",
+            str(SAMPLE / "roadscene-daynight.csv"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "now holds 8 pairs" in result.output
+    info = runner.invoke(main, ["info", str(out), "--json"])
+    summary = json.loads(info.output)
+    assert summary["pairs"] == 8 and summary["by_daynight"] == {"day": 4, "night": 4}
+    text = runner.invoke(main, ["info", str(out)]).output
+    assert "roadscene/night" in text
+
+
+def test_dry_run_prints_resolved_options(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "ingest",
+            str(SAMPLE / "roadscene"),
+            "--out",
+            str(tmp_path),
+            "--split",
+            "0.7,0.2,0.1",
+            "--set",
+            "shard_size=5",
+            "--dry-run",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "shard_size: 5" in result.output and "- 0.7" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_exit_codes_for_nothing_ingested_and_strict(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "tir").mkdir()
+    (tmp_path / "rgb" / "a.jpg").write_bytes(b"")
+    (tmp_path / "tir" / "a.jpg").write_bytes(b"")
+    empty = runner.invoke(
+        main,
+        [
+            "ingest",
+            "--rgb",
+            str(tmp_path / "rgb"),
+            "--tir",
+            str(tmp_path / "tir"),
+            "--out",
+            str(tmp_path / "o1"),
+        ],
+    )
+    assert empty.exit_code == 1 and "RGB empty file" in empty.output
+    (tmp_path / "rgb" / "b.jpg").write_bytes(
+        (SAMPLE / "roadscene/crop_LR_visible/FLIR_00006.jpg").read_bytes()
+    )
+    (tmp_path / "tir" / "b.jpg").write_bytes(
+        (SAMPLE / "roadscene/cropinfrared/FLIR_00006.jpg").read_bytes()
+    )
+    args = ["ingest", "--rgb", str(tmp_path / "rgb"), "--tir", str(tmp_path / "tir")]
+    assert runner.invoke(main, [*args, "--out", str(tmp_path / "o2")]).exit_code == 0
+    assert runner.invoke(main, [*args, "--out", str(tmp_path / "o3"), "--strict"]).exit_code == 1
+
+
+def test_user_errors_are_clean_messages(tmp_path):
+    result = CliRunner().invoke(main, ["ingest", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "cannot detect the layout" in result.output
+    assert "Traceback" not in result.output
