@@ -218,6 +218,8 @@ def test_killed_ingest_resumes_without_duplicates_or_gaps(tmp_path):
         "full",
         "--workers",
         "2",
+        "--set",
+        "commit_seconds=0",  # commit every shard, so the kill finds a partial index
     ]
     process = subprocess.Popen(
         command, start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL

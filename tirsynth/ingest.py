@@ -190,21 +190,29 @@ def write_pending(
     workers = cfg.workers or os.cpu_count() or 1
     tasks = list(plan_tasks(out, pending, cfg.shard_size, workers))
     index = shards.read_index(out)
-    added = 0
+    added, uncommitted, last_commit = 0, 0, time.monotonic()
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
     with tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar:
         for rows, rejected in _map(write_task, [(t, options) for t in tasks], workers):
-            shard_bytes = _shard_size(tasks[0].path.parent / rows[0]["shard"]) if rows else 0
-            rows = [{**row, "shard_bytes": shard_bytes} for row in rows]
-            index += rows
+            shard_bytes = _shard_size(out / rows[0]["shard"]) if rows else 0
+            index += [{**row, "shard_bytes": shard_bytes} for row in rows]
             reject_rows += rejected
-            # Shard first (renamed by the worker), then the index: an index row always
-            # points to a complete shard; a shard with no rows is removed on resume.
-            shards.write_table(out / shards.INDEX, index)
-            shards.write_rejects(out, reject_rows)
             added += len(rows)
+            uncommitted += 1
             bar.update(len(rows) + len(rejected))
+            if time.monotonic() - last_commit >= cfg.commit_seconds:
+                commit(out, index, reject_rows)
+                uncommitted, last_commit = 0, time.monotonic()
+    if uncommitted:
+        commit(out, index, reject_rows)
     return added
+
+
+def commit(out: Path, index: list[dict], reject_rows: list[dict]) -> None:
+    # Shards are renamed into place by the workers before their rows get here, so an index
+    # row always points to a complete shard; a shard with no rows is removed on resume.
+    shards.write_table(out / shards.INDEX, index)
+    shards.write_rejects(out, reject_rows)
 
 
 def plan_tasks(
