@@ -8,7 +8,7 @@ import sys
 import click
 
 from tirsynth import __version__, shards
-from tirsynth.config import IngestConfig, config_yaml, load_config
+from tirsynth.config import IngestConfig, TrainConfig, config_yaml, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,6 +128,27 @@ def info(root, as_json) -> None:
             click.echo(f"  {title}:")
             for name, count in sorted(counts.items()):
                 click.echo(f"    {name:<48} {count:>7}")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. model.ngf=32")
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=2))
+def model(config_path, overrides, image_size) -> None:
+    """Parameter counts and FLOPs per image of CONFIG's generator and discriminator."""
+    import torch
+
+    from tirsynth.models import build_discriminator, build_generator, count_flops, count_parameters
+
+    cfg = _load(config_path, TrainConfig, list(overrides)).model
+    generator, discriminator = build_generator(cfg).eval(), build_discriminator(cfg).eval()
+    rgb = torch.zeros(1, cfg.in_channels, image_size, image_size)
+    tir = torch.zeros(1, cfg.out_channels, image_size, image_size)
+    click.echo(f"skips {list(cfg.resolved_skips())} -> layer pairs {generator.skip_pairs()}")
+    click.echo(f"generator_parameters {count_parameters(generator)}")
+    click.echo(f"discriminator_parameters {count_parameters(discriminator)}")
+    click.echo(f"generator_flops_per_image {count_flops(generator, rgb)}")
+    click.echo(f"discriminator_flops_per_image {count_flops(discriminator, rgb, tir)}")
 
 
 @main.group()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -53,6 +53,62 @@ class IngestConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if (self.rgb_dir is None) != (self.tir_dir is None):
             raise ValueError("rgb_dir and tir_dir go together (generic folder pairs)")
+
+
+SkipSet = Literal["sparse", "dense", "low", "high"]
+NAMED_SKIPS = {"sparse": (1, 3, 5, 7), "low": (1, 3), "high": (5, 7)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Generator and discriminator (paper Sec. III; SPEC "The model")."""
+
+    in_channels: int = 3
+    out_channels: int = 1  # single-channel TIR; 3 reproduces the paper's parameter counts
+    ngf: int = 64  # generator base channels
+    ndf: int = 64  # discriminator base channels
+    depth: int = 8  # encoder layers; the image side must be divisible by 2**depth
+    skips: str | tuple[int, ...] = "sparse"  # sparse | dense | low | high | explicit levels
+    dropout: float = 0.5  # in the three decoder layers after the innermost
+    disc_layers: int = 3  # 3: the 70x70 PatchGAN
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skips, str) and self.skips not in (*NAMED_SKIPS, "dense"):
+            raise ValueError(f"skips={self.skips!r} is not sparse, dense, low, high or a list")
+
+    def resolved_skips(self) -> tuple[int, ...]:
+        """Encoder levels with a skip: `dense` is every level 1..depth-1."""
+        if self.skips == "dense":
+            return tuple(range(1, self.depth))
+        if isinstance(self.skips, str):
+            return NAMED_SKIPS[self.skips]
+        return tuple(self.skips)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Generator objective weights (paper Eq. 7); 0 removes a term and its cost."""
+
+    gan: float = 1.0
+    l1: float = 100.0
+    gradient: float = 100.0  # L1 between Sobel-magnitude maps of the intensities
+    intensity: float = 30.0  # L1 between intensities I = 0.299R + 0.587G + 0.114B
+    gan_mode: Literal["vanilla", "lsgan"] = "vanilla"  # vanilla: non-saturating BCE
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        for name in ("gan", "l1", "gradient", "intensity"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A model and its objective; the training sections (optim, data, train) come with
+    `tirsynth train`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 def load_config(path: str | Path | None, cls: type[T], overrides: list[str] = ()) -> T:
@@ -128,8 +184,15 @@ def coerce(hint: Any, value: Any, path: str) -> Any:
             raise ValueError(f"{path}: expected a mapping, got {value!r}")
         return from_dict(hint, value, path + ".")
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(hint) if a is not type(None)]
-        return None if value is None else coerce(args[0], value, path)
+        if value is None:
+            return None
+        errors = []
+        for option in (a for a in get_args(hint) if a is not type(None)):
+            try:
+                return coerce(option, value, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from tirsynth import losses
+from tirsynth.config import LossConfig
+
+
+def test_adversarial_loss_hand_values():
+    zero = torch.zeros(1, 1, 2, 2)
+    assert losses.adversarial_loss(zero, True).item() == pytest.approx(math.log(2))
+    assert losses.adversarial_loss(zero, False, "lsgan").item() == 0.0
+    assert losses.adversarial_loss(zero + 1, False, "lsgan").item() == 1.0
+    with pytest.raises(ValueError, match="hinge"):
+        losses.adversarial_loss(zero, True, "hinge")
+
+
+def test_intensity_weights():
+    rgb = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    assert losses.intensity(rgb).item() == pytest.approx(0.299 + 2 * 0.587 + 3 * 0.114)
+    gray = torch.rand(1, 1, 2, 2)
+    assert torch.equal(losses.intensity(gray), gray)
+
+
+def test_gradient_map_of_a_step_edge():
+    step = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4).view(1, 1, 4, 4)
+    grad = losses.gradient_map(step, eps=0.0)
+    # Sobel x across a unit step: 1 + 2 + 1 = 4 on both columns next to the edge, 0 elsewhere.
+    assert grad[0, 0, 1].tolist() == pytest.approx([0.0, 4.0, 4.0, 0.0])
+
+
+def test_generator_loss_weights_and_switches():
+    real = torch.zeros(1, 1, 4, 4)
+    fake = torch.full((1, 1, 4, 4), 0.5, requires_grad=True)
+    logits = torch.zeros(1, 1, 2, 2)
+    total, parts = losses.generator_loss(logits, real, fake, LossConfig())
+    assert parts["g_l1"] == pytest.approx(50.0)  # 100 * 0.5
+    assert parts["g_intensity"] == pytest.approx(15.0)  # 30 * 0.5
+    assert parts["g_gradient"] == pytest.approx(0.0, abs=1e-3)  # both flat
+    assert parts["g_gan"] == pytest.approx(math.log(2))
+    assert total.item() == pytest.approx(sum(parts.values()))
+    total.backward()
+    assert fake.grad is not None
+    _, ablated = losses.generator_loss(logits, real, fake, LossConfig(gradient=0, intensity=0))
+    assert set(ablated) == {"g_gan", "g_l1"}
+
+
+def test_discriminator_loss_is_half_the_sum():
+    ones = torch.ones(1, 1, 2, 2)
+    d = losses.discriminator_loss(ones * 10, -ones * 10)
+    assert d.item() < 1e-4
+    assert losses.discriminator_loss(ones * 0, ones * 0).item() == pytest.approx(math.log(2))

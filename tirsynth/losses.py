@@ -1,0 +1,81 @@
+"""Losses of the sparse GAN (paper Eq. 1-7): adversarial, L1, gradient and intensity."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tirsynth.config import LossConfig
+
+GanMode = Literal["vanilla", "lsgan"]
+LUMA = (0.299, 0.587, 0.114)
+SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def adversarial_loss(logits: torch.Tensor, real: bool, mode: GanMode = "vanilla") -> torch.Tensor:
+    """GAN loss of discriminator logits against an all-real or all-fake target.
+
+    vanilla: binary cross-entropy on logits; used for G with `real=True` it is the
+    non-saturating loss, -log D(x, G(x)). lsgan: least squares.
+    """
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    if mode == "vanilla":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    if mode == "lsgan":
+        return F.mse_loss(logits, target)
+    raise ValueError(f"gan mode {mode!r} is not vanilla or lsgan")
+
+
+def intensity(images: torch.Tensor) -> torch.Tensor:
+    """I = 0.299R + 0.587G + 0.114B (Eq. 4): (B, 3, H, W) -> (B, 1, H, W); one channel as is."""
+    if images.shape[1] == 1:
+        return images
+    weights = images.new_tensor(LUMA).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def gradient_map(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRA: Sobel gradient magnitude of (B, 1, H, W) -> (B, 1, H, W), edges replicated."""
+    kernel_x = SOBEL_X.to(gray)
+    kernels = torch.stack([kernel_x, kernel_x.T]).unsqueeze(1)  # (2, 1, 3, 3)
+    gradients = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    # eps keeps the square root differentiable where the image is flat.
+    return torch.sqrt((gradients**2).sum(dim=1, keepdim=True) + eps)
+
+
+def generator_loss(
+    fake_logits: torch.Tensor | None, real: torch.Tensor, fake: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """G's objective (Eq. 7): gan + l1 * L1 + gradient * L1(GRA) + intensity * L1(I).
+
+    A term whose weight is 0 is not computed at all.
+
+    Returns:
+        (the total to backpropagate, each weighted term as a float for logging).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if cfg.gan and fake_logits is not None:
+        terms["g_gan"] = cfg.gan * adversarial_loss(fake_logits, True, cfg.gan_mode)
+    if cfg.l1:
+        terms["g_l1"] = cfg.l1 * F.l1_loss(fake, real)
+    if cfg.gradient or cfg.intensity:
+        real_i, fake_i = intensity(real), intensity(fake)
+        if cfg.intensity:
+            terms["g_intensity"] = cfg.intensity * F.l1_loss(fake_i, real_i)
+        if cfg.gradient:
+            terms["g_gradient"] = cfg.gradient * F.l1_loss(
+                gradient_map(fake_i), gradient_map(real_i)
+            )
+    total = sum(terms.values(), fake.new_zeros(()))
+    return total, {name: value.item() for name, value in terms.items()}
+
+
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, mode: GanMode = "vanilla"
+) -> torch.Tensor:
+    """D's loss: half the sum of its losses on real and on fake pairs (as pix2pix)."""
+    return 0.5 * (
+        adversarial_loss(real_logits, True, mode) + adversarial_loss(fake_logits, False, mode)
+    )

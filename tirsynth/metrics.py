@@ -1,0 +1,120 @@
+"""Image quality metrics on torch tensors, one protocol everywhere (SPEC "Quality metrics").
+
+Images are compared as single-channel 8-bit: `to_gray_uint8` maps [-1, 1] tensors to 0..255
+(a 3-channel image is reduced with I = 0.299R + 0.587G + 0.114B). SSIM, PSNR and LBP agree
+with scikit-image (`structural_similarity(..., data_range=255, gaussian_weights=True,
+sigma=1.5, use_sample_covariance=False)`, `peak_signal_noise_ratio(..., data_range=255)`,
+`local_binary_pattern(P=8, R=1, method="default")`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LUMA = (0.299, 0.587, 0.114)
+DATA_RANGE = 255.0
+SSIM_SIGMA = 1.5
+SSIM_RADIUS = 5  # scikit-image: int(truncate 3.5 * sigma + 0.5) -> an 11x11 window
+K1, K2 = 0.01, 0.03
+
+
+def to_gray_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W) float64 holding integers 0..255."""
+    values = (images.detach().double().clamp(-1, 1) + 1) * 127.5
+    if values.shape[1] == 3:
+        values = sum(w * values[:, c] for c, w in enumerate(LUMA))
+    else:
+        values = values[:, 0]
+    return values.round()
+
+
+def ssim(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per image of (B, H, W) 0..255 tensors -> (B,) float64 (Wang et al. 2004)."""
+    x, y = reference.double().unsqueeze(1), test.double().unsqueeze(1)  # (B, 1, H, W)
+    window = _gaussian_window(x.device)
+
+    def blur(t):  # valid convolution = scikit-image's filtered image with its border cropped
+        return F.conv2d(t, window)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x * mu_x
+    var_y = blur(y * y) - mu_y * mu_y
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
+    numerator = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    denominator = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    return (numerator / denominator).mean(dim=(1, 2, 3))
+
+
+def psnr(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of (B, H, W) 0..255 tensors -> (B,); inf when identical."""
+    mse = ((reference.double() - test.double()) ** 2).mean(dim=(1, 2))
+    return 10 * torch.log10(DATA_RANGE**2 / mse)
+
+
+def lbp(images: torch.Tensor, points: int = 8, radius: float = 1.0) -> torch.Tensor:
+    """Local binary pattern codes of (B, H, W) images -> (B, H, W) int64.
+
+    Sampling points on the circle are bilinearly interpolated, zero outside the image, with
+    the same arithmetic as scikit-image's `local_binary_pattern(method="default")`, so the
+    codes are identical.
+    """
+    image = images.double()
+    _, height, width = image.shape
+    pad = math.ceil(radius) + 1
+    padded = F.pad(image, (pad, pad, pad, pad))  # zeros: scikit-image's mode 'C', cval 0
+    rows = torch.arange(height, dtype=torch.float64, device=image.device)[:, None]
+    cols = torch.arange(width, dtype=torch.float64, device=image.device)[None, :]
+    angles = 2 * math.pi * torch.arange(points, dtype=torch.float64) / points
+    row_offsets = torch.round(-radius * torch.sin(angles), decimals=5).tolist()
+    col_offsets = torch.round(radius * torch.cos(angles), decimals=5).tolist()
+    codes = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
+    for bit, (dr_offset, dc_offset) in enumerate(zip(row_offsets, col_offsets, strict=True)):
+        r, c = rows + dr_offset, cols + dc_offset  # (H, 1), (1, W)
+        r0, c0 = torch.floor(r), torch.floor(c)
+        dr, dc = r - r0, c - c0
+
+        def at(rr, cc):
+            return padded[:, rr.long() + pad, cc.long() + pad]  # (B, H, W) by broadcasting
+
+        r1, c1 = torch.ceil(r), torch.ceil(c)
+        top = (1 - dc) * at(r0, c0) + dc * at(r0, c1)
+        bottom = (1 - dc) * at(r1, c0) + dc * at(r1, c1)
+        texture = (1 - dr) * top + dr * bottom
+        codes += (texture - image >= 0).long() << bit
+    return codes
+
+
+def lbp_histogram(codes: torch.Tensor, points: int = 8) -> torch.Tensor:
+    """(B, H, W) LBP codes -> (B, 2**points) normalised histograms."""
+    bins = 2**points
+    counts = torch.stack([torch.bincount(c.flatten(), minlength=bins) for c in codes])
+    return counts.double() / counts.sum(dim=1, keepdim=True)
+
+
+def image_metrics(real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SSIM, PSNR and LBP mean of generated against real TIR, per image.
+
+    Args:
+        real, fake: (B, C, H, W) in [-1, 1].
+
+    Returns:
+        {"ssim", "psnr", "lbp_real", "lbp_fake"}: (B,) tensors.
+    """
+    gray_real, gray_fake = to_gray_uint8(real), to_gray_uint8(fake)
+    return {
+        "ssim": ssim(gray_real, gray_fake),
+        "psnr": psnr(gray_real, gray_fake),
+        "lbp_real": lbp(gray_real).double().mean(dim=(1, 2)),
+        "lbp_fake": lbp(gray_fake).double().mean(dim=(1, 2)),
+    }
+
+
+def _gaussian_window(device) -> torch.Tensor:
+    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64, device=device)
+    kernel = torch.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
+    kernel /= kernel.sum()
+    return (kernel[:, None] * kernel[None, :])[None, None]  # (1, 1, 11, 11)

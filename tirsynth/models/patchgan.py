@@ -1,0 +1,40 @@
+"""70x70 conditional PatchGAN discriminator (paper Sec. III-B, Fig. 3; pix2pix `basic`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PatchDiscriminator(nn.Module):
+    """Convs 64-128-256-512-1, 4x4, strides 2,2,2,1,1, padding 1, LeakyReLU 0.2 after all
+    but the last; BatchNorm on the middle three. Conditional: it sees RGB and TIR together.
+
+    Args:
+        in_channels: RGB channels plus TIR channels.
+        base_channels: channels of the first conv (pix2pix's ndf).
+        num_layers: stride-2 convs after the first (3 gives the 70x70 receptive field).
+    """
+
+    def __init__(self, *, in_channels: int = 4, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, base_channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+        ]
+        width = base_channels
+        for n in range(1, num_layers + 1):
+            stride = 2 if n < num_layers else 1
+            width_out = base_channels * min(2**n, 8)
+            layers += [
+                nn.Conv2d(width, width_out, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width_out),
+                nn.LeakyReLU(0.2),
+            ]
+            width = width_out
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, cond: torch.Tensor, tir: torch.Tensor) -> torch.Tensor:
+        # (B, C_rgb, H, W), (B, C_tir, H, W) -> (B, 1, H/8 - 2, W/8 - 2) patch logits
+        return self.model(torch.cat([cond, tir], dim=1))
