@@ -392,7 +392,7 @@ def _read_side(path: str, role: str, options: dict) -> images.StoredImage:
 
 
 def _map(function, items: list, workers: int):
-    """Ordered-or-not parallel map that yields results as they finish."""
+    """Map over a process pool, yielding results as they finish (in-process for one)."""
     if workers <= 1 or len(items) <= 1:
         yield from map(function, items)
         return
