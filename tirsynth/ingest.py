@@ -70,8 +70,8 @@ def run(cfg: IngestConfig) -> IngestResult:
         inputs, pairs, rejects = discover_all(cfg)
         meta_rows = read_meta(cfg.meta) if cfg.meta else []
         fingerprint = compute_fingerprint(cfg, inputs)
-        prepare_output(out, fingerprint, cfg.overwrite)
-        done = {row["key"] for row in shards.read_index(out)}
+        index = prepare_output(out, fingerprint, cfg.overwrite)
+        done = {row["key"] for row in index}
         planned, meta_unmatched = plan_pairs(pairs, meta_rows, cfg)
         planned, duplicates = drop_duplicate_keys(planned)
         rejects += duplicates
@@ -80,8 +80,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         shards.write_json(out / shards.MANIFEST, manifest)
         reject_rows = [reject_row(r) for r in rejects]
         shards.write_rejects(out, reject_rows)
-        added = write_pending(out, pending, cfg, reject_rows)
-        index = shards.read_index(out)
+        added = write_pending(out, index, pending, cfg, reject_rows)
         manifest.update(status="complete", counts=shards.summarize(out))
         shards.write_json(out / shards.MANIFEST, manifest)
     return IngestResult(out, added, len(index), reject_rows, meta_unmatched)
@@ -184,12 +183,16 @@ def drop_duplicate_keys(planned: list[PlannedPair]) -> tuple[list[PlannedPair], 
 
 
 def write_pending(
-    out: Path, pending: list[PlannedPair], cfg: IngestConfig, reject_rows: list[dict]
+    out: Path,
+    index: list[dict],
+    pending: list[PlannedPair],
+    cfg: IngestConfig,
+    reject_rows: list[dict],
 ) -> int:
-    """Convert pending pairs in shard-sized tasks; commit each finished shard."""
+    """Convert pending pairs in shard-sized tasks, appending their rows to `index` and
+    committing finished shards; returns the number of pairs added."""
     workers = cfg.workers or os.cpu_count() or 1
     tasks = list(plan_tasks(out, pending, cfg.shard_size, workers))
-    index = shards.read_index(out)
     added, uncommitted, last_commit = 0, 0, time.monotonic()
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
     with tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar:
@@ -306,8 +309,12 @@ def build_sample(pair: PlannedPair, shard: str, options: dict) -> tuple[dict, di
     return sample, row
 
 
-def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> None:
-    """Check that `out` is empty or holds this same ingest; clear what a killed run left."""
+def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> list[dict]:
+    """Check that `out` is empty or holds this same ingest; clear what a killed run left.
+
+    Returns:
+        The index rows whose shards are intact (empty for a new or replaced folder).
+    """
     manifest = shards.read_manifest(out)
     ours = [p for p in out.iterdir() if _is_ours(p)]
     foreign = [p for p in out.iterdir() if not _is_ours(p) and p.name != LOCK]
@@ -326,18 +333,19 @@ def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> None:
             )
         for path in ours:
             path.unlink()
-        return
+        return []
     index = shards.read_index(out)
     intact = {r["shard"] for r in index if _shard_size(out / r["shard"]) == r["shard_bytes"]}
     if len(intact) < len({r["shard"] for r in index}):
         # A system crash can leave a renamed but unflushed shard: redo its pairs.
-        shards.write_table(out / shards.INDEX, [r for r in index if r["shard"] in intact])
-    indexed = intact
+        index = [r for r in index if r["shard"] in intact]
+        shards.write_table(out / shards.INDEX, index)
     for path in ours:
         stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
-        orphan = path.suffix == ".tar" and path.name not in indexed
+        orphan = path.suffix == ".tar" and path.name not in intact
         if stale_tmp or orphan:
             path.unlink()
+    return index
 
 
 def compute_fingerprint(cfg: IngestConfig, inputs: list[dict]) -> str:
@@ -379,7 +387,7 @@ def reject_row(reject: Reject) -> dict[str, Any]:
 
 
 def reject_summary(rejects: list[dict]) -> Counter:
-    return Counter(r["reason"].split(":", 1)[0] for r in rejects)
+    return Counter(shards.reason_kind(r["reason"]) for r in rejects)
 
 
 def _read_side(path: str, role: str, options: dict) -> images.StoredImage:

@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-LUMA = (0.299, 0.587, 0.114)
+from tirsynth.losses import intensity
+
 DATA_RANGE = 255.0
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # scikit-image: int(truncate 3.5 * sigma + 0.5) -> an 11x11 window
@@ -24,11 +25,7 @@ K1, K2 = 0.01, 0.03
 def to_gray_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, H, W) float64 holding integers 0..255."""
     values = (images.detach().double().clamp(-1, 1) + 1) * 127.5
-    if values.shape[1] == 3:
-        values = sum(w * values[:, c] for c, w in enumerate(LUMA))
-    else:
-        values = values[:, 0]
-    return values.round()
+    return intensity(values)[:, 0].round()  # I is linear: same before or after scaling
 
 
 def ssim(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:

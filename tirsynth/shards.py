@@ -149,7 +149,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
         "by_daynight": dict(Counter(r["daynight"] for r in rows)),
         "by_dataset_daynight": dict(Counter(f"{r['dataset']}/{r['daynight']}" for r in rows)),
         "rejects": len(rejects),
-        "rejects_by_reason": dict(Counter(_reason_kind(r["reason"]) for r in rejects)),
+        "rejects_by_reason": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
     }
 
 
@@ -182,6 +182,6 @@ class atomic_output:
                 os.remove(self.tmp)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     # "missing TIR partner", "truncated or corrupt image data: <detail>" -> text before ':'
     return reason.split(":", 1)[0]
