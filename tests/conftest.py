@@ -98,3 +98,50 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "roadscene").is_dir():
         pytest.skip(f"real RoadScene/LLVIP data not found at {SHARED_DATA} (../shared/data)")
     return SHARED_DATA
+
+
+def smooth_rgb(rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A smooth random colour image: 5x5 random colours upsampled bicubically."""
+    coarse = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(tmp_path_factory) -> Path:
+    """48 smooth pairs whose TIR is a fixed function of the RGB (inverted luma), split by key
+    hash into train and val, alternately tagged day and night."""
+    from tirsynth import ingest
+    from tirsynth.config import IngestConfig
+
+    root = tmp_path_factory.mktemp("learnable")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        rgb = smooth_rgb(rng)
+        luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        tir = (255 - luma).round().astype(np.uint8)
+        for image, folder in ((rgb, "rgb"), (tir, "tir")):
+            (root / folder).mkdir(exist_ok=True)
+            Image.fromarray(image).save(root / folder / f"s{i:02d}.png")
+        rows.append({"stem": f"s{i:02d}", "daynight": "day" if i % 2 else "night"})
+    out = root / "shards"
+    ingest.run(
+        IngestConfig(
+            rgb_dir=str(root / "rgb"),
+            tir_dir=str(root / "tir"),
+            meta=str(write_csv(root / "meta.csv", rows)),
+            out=str(out),
+            shard_size=8,
+            split=(0.75, 0.25, 0.0),
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, a small object store)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

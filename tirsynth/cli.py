@@ -131,6 +131,43 @@ def info(root, as_json) -> None:
 
 
 @main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Training config, e.g. configs/sparse.yaml (with --resume: OUT/config.yaml).",
+)
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue OUT from its latest checkpoint.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel workers; more than 1 runs through Ray Train (DDP).")  # fmt: skip
+@click.option("--address", help="Ray cluster to join (with --workers > 1).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. train.lr=1e-4")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def train(config_path, data, out, resume, workers, address, overrides, dry_run) -> None:
+    """Train the sparse GAN (or a baseline) on pair shards; checkpoints go to OUT."""
+    from pathlib import Path
+
+    from tirsynth import train as train_stage
+
+    if config_path is None and not resume:
+        raise click.UsageError("--config is required unless --resume reuses OUT/config.yaml")
+    cfg = _load(config_path or Path(out) / "config.yaml", TrainConfig, list(overrides))
+    if dry_run:
+        click.echo(config_yaml(cfg), nl=False)
+        return
+    try:
+        result = train_stage.run(cfg, data, out, resume=resume, workers=workers, address=address)
+    except (ValueError, FileNotFoundError, FileExistsError, train_stage.TrainingDiverged) as err:
+        raise click.ClickException(str(err)) from err
+    val = result.val
+    scores = f"; val SSIM {val['ssim']:.4f}, PSNR {val['psnr']:.2f}" if val else ""
+    click.echo(f"trained {result.step} steps ({result.epoch} epochs){scores}")
+    click.echo(f"checkpoint: {result.checkpoint}  best: {result.best_checkpoint}")
+
+
+@main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. model.ngf=32")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=2))

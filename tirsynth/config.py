@@ -102,13 +102,64 @@ class LossConfig:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How training and validation read pair shards (`tirsynth.data.PairDataset`)."""
+
+    image_size: int = 256  # side of the square crop the model sees; divisible by 2**depth
+    load_size: int | None = None  # resize before the random crop; None: image_size * 286/256
+    augment: bool = True  # pix2pix: resize, random crop, horizontal flip
+    loader_workers: int = 1  # DataLoader processes per training worker
+    shuffle_buffer: int = 64
+    val_split: str = "val"
+    val_samples: int = 0  # 0: the whole val split each epoch
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The training loop (paper Sec. IV: Adam 2e-4, betas (0.5, 0.999), batch 3, no decay)."""
+
+    batch_size: int = 3  # per worker
+    epochs: int = 10  # the paper's best SSIM came at 10 epochs
+    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    precision: Precision = "fp32"  # autocast dtype; fp16 only on CUDA (with a grad scaler)
+    channels_last: bool = True
+    seed: int = 0
+    checkpoint_every: int = 0  # also keep step_N.pt every N steps (0: only latest and best)
+    log_every: int = 10  # steps between stats.jsonl records
+    sample_count: int = 4  # rows of the per-epoch sample grid
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
+            raise ValueError("train.batch_size and train.epochs must be >= 1, max_steps >= 0")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """A model and its objective; the training sections (optim, data, train) come with
-    `tirsynth train`."""
+    """A model, its objective and how it is trained: one file in configs/."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size % 2**self.model.depth:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} must be divisible by "
+                f"2**model.depth={2**self.model.depth}"
+            )
 
 
 def load_config(path: str | Path | None, cls: type[T], overrides: list[str] = ()) -> T:

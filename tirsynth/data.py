@@ -83,12 +83,20 @@ class PairDataset(IterableDataset):
         start, stop = self._rank_range()
         return stop - start
 
+    def batch_count(self, batch_size: int, loader_workers: int = 0) -> int:
+        """Full batches per epoch on this rank from a DataLoader with `drop_last=True`.
+
+        Each DataLoader worker batches its own part, so partial batches are per worker.
+        """
+        bounds = _part_bounds(*self._rank_range(), max(loader_workers, 1))
+        return sum((b - a) // batch_size for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = self._epoch_order()
         start, stop = self._rank_range()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bounds = np.linspace(start, stop, workers + 1).round().astype(int)
+        bounds = _part_bounds(start, stop, workers)
         part = order[bounds[worker] : bounds[worker + 1]]
         wanted = {key for _, key in part}
         needed = list(dict.fromkeys(shard for shard, _ in part))
@@ -161,6 +169,10 @@ class PairDataset(IterableDataset):
             rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             tir = tir.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return rgb, tir
+
+
+def _part_bounds(start: int, stop: int, parts: int) -> list[int]:
+    return [int(b) for b in np.linspace(start, stop, parts + 1).round()]
 
 
 def _buffer_shuffle(samples, size: int, rng: random.Random):

@@ -92,6 +92,17 @@ def lbp_histogram(codes: torch.Tensor, points: int = 8) -> torch.Tensor:
     return counts.double() / counts.sum(dim=1, keepdim=True)
 
 
+def intensity_histogram(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) 0..255 images -> (B, 256) normalised intensity histograms."""
+    counts = torch.stack([torch.bincount(i.flatten().long(), minlength=256) for i in images])
+    return counts.double() / counts.sum(dim=1, keepdim=True)
+
+
+def histogram_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance of normalised histograms (..., bins): 0 same, 1 disjoint."""
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
 def image_metrics(real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
     """SSIM, PSNR and LBP mean of generated against real TIR, per image.
 

@@ -1,0 +1,181 @@
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tirsynth import train
+from tirsynth.checkpoint import load_checkpoint, load_generator, save_checkpoint
+from tirsynth.cli import main
+from tirsynth.config import TrainConfig, load_config
+from tirsynth.data import PairDataset
+from tirsynth.models import build_discriminator, build_generator
+from tirsynth.quality import validate
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def tiny_cfg(*overrides: str) -> TrainConfig:
+    return load_config(TINY, TrainConfig, list(overrides))
+
+
+def stats(run: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == kind]
+
+
+def test_train_step_updates_g_and_d_with_finite_losses(learnable_shards):
+    cfg = tiny_cfg()
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
+                                                  batch_size=3)))  # fmt: skip
+    before_g = [p.clone() for p in gen.parameters()]
+    before_d = [p.clone() for p in disc.parameters()]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = train.train_step(batch, gen, disc, opt_g, opt_d, cfg.loss,
+                              train.autocast_context(torch.device("cpu"), "fp32"), scaler,
+                              torch.device("cpu"))  # fmt: skip
+    assert set(losses) == {"d", "g", "g_gan", "g_l1", "g_intensity", "g_gradient"}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert all(not torch.equal(a, b) for a, b in zip(before_g, gen.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(before_d, disc.parameters(), strict=True))
+    assert all(p.requires_grad for p in disc.parameters()) is False  # D frozen after its step
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_learns_a_mapping(learnable_shards, tmp_path, precision):
+    """G learns inverted luma: L1 falls by half and val SSIM rises by 0.25 in 200 steps."""
+    cfg = tiny_cfg("train.max_steps=200", "train.epochs=1000", "train.lr=1e-3",
+                   "train.log_every=10", f"train.precision={precision}")  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    untrained = validate(build_generator(cfg.model), PairDataset(learnable_shards, "val",
+                         image_size=32), torch.device("cpu"))  # fmt: skip
+    result = train.run(cfg, learnable_shards, tmp_path / "run", progress=False)
+    l1 = [r["g_l1"] for r in stats(result.out, "train")]
+    first, last = sum(l1[:3]) / 3, sum(l1[-3:]) / 3
+    print(f"{precision}: L1 {first:.2f} -> {last:.2f}; "
+          f"val SSIM {untrained['ssim']:.3f} -> {result.val['ssim']:.3f}")  # fmt: skip
+    assert result.step == 200
+    assert last < 0.5 * first
+    assert result.val["ssim"] > untrained["ssim"] + 0.25
+    assert set(result.val["by_daynight"]) == {"day", "night"}
+
+
+def test_resume_is_exact(learnable_shards, tmp_path):
+    """2k steps in one go equal k steps, a stop, and k more after --resume (CPU)."""
+    # 41 train samples, batch 4: 10 steps per epoch; k = 7 stops mid-epoch, 2k crosses one.
+    cfg = tiny_cfg("train.epochs=5", "train.max_steps=14")
+    whole = train.run(cfg, learnable_shards, tmp_path / "whole", progress=False)
+    half = tiny_cfg("train.epochs=5", "train.max_steps=7")
+    train.run(half, learnable_shards, tmp_path / "split", progress=False)
+    resumed = train.run(cfg, learnable_shards, tmp_path / "split", resume=True, progress=False)
+    assert whole.step == resumed.step == 14 and whole.epoch == 1
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
+    for part in ("generator", "discriminator"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part}.{name} differs"
+    for name, state in a["optim_g"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optim_g"]["state"][name]["exp_avg"])
+    steps = [r["step"] for r in stats(tmp_path / "split", "train")]
+    assert steps == list(range(1, 15))  # the log holds each step once
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(learnable_shards, tmp_path):
+    run = tmp_path / "run"
+    train.run(tiny_cfg("train.max_steps=3"), learnable_shards, run, progress=False)
+    good = load_checkpoint(run / "checkpoints" / "latest.pt")
+    # An L1 weight beyond float32's range makes the loss infinite on the next step.
+    with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 4"):
+        train.run(tiny_cfg("train.max_steps=6", "loss.l1=1e39"), learnable_shards, run,
+                  resume=True, progress=False)  # fmt: skip
+    kept = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert kept["step"] == 3
+    assert all(torch.equal(v, good["generator"][k]) for k, v in kept["generator"].items())
+
+
+def test_run_dir_guards(learnable_shards, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train.run(tiny_cfg(), learnable_shards, run, resume=True)
+    train.run(tiny_cfg("train.max_steps=1"), learnable_shards, run, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.run(tiny_cfg(), learnable_shards, run)
+    with pytest.raises(ValueError, match="was trained with model"):
+        train.run(tiny_cfg("model.ngf=8"), learnable_shards, run, resume=True)
+
+
+def test_checkpoint_contents_and_generator_reload(learnable_shards, tmp_path):
+    result = train.run(tiny_cfg("train.max_steps=2"), learnable_shards, tmp_path / "r",
+                       progress=False)  # fmt: skip
+    state = load_checkpoint(result.checkpoint)
+    assert {"config", "generator", "discriminator", "optim_g", "optim_d", "step", "seed",
+            "tir_stats", "val"} <= set(state)  # fmt: skip
+    hist = state["tir_stats"]["intensity_hist"]
+    assert hist.shape == (256,) and abs(hist.sum().item() - 1) < 1e-9
+    assert state["tir_stats"]["images"] == len(PairDataset(learnable_shards, "train"))
+    gen, _ = load_generator(result.checkpoint)
+    rgb = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert gen(rgb).shape == (1, 1, 32, 32)
+    assert (result.out / "config.yaml").exists()
+    assert sorted(p.name for p in (result.out / "samples").iterdir())
+
+
+class Arbitrary:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "tirsynth-checkpoint", "payload": Arbitrary()}, path)
+    with pytest.raises(ValueError, match="not a loadable"):
+        load_checkpoint(path)
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError):
+        load_checkpoint(path)
+    save_checkpoint(tmp_path / "ok.pt", {"step": 1})
+    assert load_checkpoint(tmp_path / "ok.pt")["step"] == 1
+
+
+def test_cli_train_and_resume(learnable_shards, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["train", "--config", str(TINY), "--data", str(learnable_shards), "--out", run]
+    result = CliRunner().invoke(main, [*args, "--set", "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output and "val SSIM" in result.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+    resumed = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--data",
+            str(learnable_shards),
+            "--out",
+            run,
+            "--resume",
+            "--set",
+            "train.max_steps=4",
+        ],  # fmt: skip
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 4 steps" in resumed.output
+    dry = CliRunner().invoke(main, [*args, "--dry-run", "--set", "train.lr=0.001"])
+    assert "lr: 0.001" in dry.output
+
+
+def test_ray_train_two_workers(learnable_shards, tmp_path, ray_session):
+    """--workers 2 through Ray Train (DDP over gloo) writes a checkpoint generate can load."""
+    cfg = tiny_cfg("train.max_steps=6", "train.epochs=100")
+    result = train.run(cfg, learnable_shards, tmp_path / "ddp", workers=2, progress=False)
+    state = load_checkpoint(result.checkpoint)
+    per_rank = len(PairDataset(learnable_shards, "train")) // 2
+    assert state["step"] == 6 and state["steps_per_epoch"] == per_rank // 4
+    gen, _ = load_generator(result.checkpoint)
+    assert gen(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    assert [r["step"] for r in stats(result.out, "train")] == list(range(1, 7))

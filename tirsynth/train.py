@@ -1,0 +1,487 @@
+"""GAN training: pair shards in; checkpoints, stats.jsonl, sample grids and config.yaml out.
+
+One worker trains in this process without Ray. `workers > 1` runs the same loop in N Ray
+Train workers under DDP (gloo on CPU, NCCL on GPU). G and D are wrapped separately. D sees
+real and fake pairs in one forward pass, and BatchNorm buffers are not re-synced before
+each forward (`broadcast_buffers=False`); together these avoid the in-place error of two
+forwards before one backward (pytorch/pytorch#175024). D's running statistics are never
+used (D only trains), so letting them differ between ranks costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from tirsynth.config import LossConfig, TrainConfig, config_yaml, from_dict, to_dict
+from tirsynth.data import PairDataset
+from tirsynth.losses import discriminator_loss, generator_loss
+from tirsynth.models import build_discriminator, build_generator
+from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
+from tirsynth.shards import atomic_output
+
+CHECKPOINTS = "checkpoints"
+STATS = "stats.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    step: int
+    epoch: int
+    checkpoint: Path  # latest
+    best_checkpoint: Path | None
+    val: dict[str, Any]  # the last validation's metrics (empty without a val split)
+
+
+def run(
+    cfg: TrainConfig,
+    data: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    workers: int = 1,
+    address: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `cfg` on the pair shards in `data`, writing the run to `out`.
+
+    Args:
+        cfg: model, loss, data and loop settings.
+        data: a folder written by `tirsynth ingest` (train split, and val for validation).
+        out: the run folder: config.yaml, stats.jsonl, checkpoints/, samples/.
+        resume: continue from `out/checkpoints/latest.pt` at its exact step.
+        workers: data-parallel workers; more than 1 goes through Ray Train.
+        address: a Ray cluster to join (with workers > 1); None starts a local one.
+        progress: show a progress bar.
+
+    Returns:
+        Where the run stopped and its checkpoints.
+    """
+    data, out = Path(data).resolve(), Path(out).resolve()
+    prepare_run_dir(cfg, out, resume)
+    if workers > 1:
+        _run_ray_train(cfg, data, out, resume, workers, address, progress)
+    else:
+        train_worker(cfg, data, out, resume=resume, progress=progress)
+    state = load_checkpoint(out / CHECKPOINTS / LATEST)
+    best = out / CHECKPOINTS / BEST
+    return TrainResult(
+        out,
+        state["step"],
+        state["epoch"],
+        out / CHECKPOINTS / LATEST,
+        best if best.exists() else None,
+        state["val"],
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """Check that `out` is a fresh run or a resumable one with the same model."""
+    latest = out / CHECKPOINTS / LATEST
+    if resume and not latest.exists():
+        raise FileNotFoundError(f"--resume: {latest} does not exist (nothing to resume)")
+    if not resume and latest.exists():
+        raise FileExistsError(
+            f"{out} already holds a run ({latest}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if resume:
+        saved = from_dict(TrainConfig, load_checkpoint(latest)["config"])
+        if saved.model != cfg.model:
+            raise ValueError(
+                f"--resume: {latest} was trained with model {to_dict(saved.model)}, "
+                f"not {to_dict(cfg.model)}"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out / "config.yaml") as handle:
+        handle.write(config_yaml(cfg).encode())
+
+
+def train_worker(
+    cfg: TrainConfig, data: Path, out: Path, *, resume: bool = False, progress: bool = True
+) -> None:
+    """The training loop of one worker (the only one, or one DDP rank under Ray Train)."""
+    rank, world = _distributed_position()
+    device = _pick_device()
+    loop = cfg.train
+    torch.manual_seed(loop.seed)  # the same initial weights on every rank
+
+    # 1. Data: each rank reads its own equal part of the train split.
+    train_set = PairDataset(
+        data,
+        "train",
+        image_size=cfg.data.image_size,
+        load_size=cfg.data.load_size,
+        augment=cfg.data.augment,
+        shuffle=True,
+        seed=loop.seed,
+        even_ranks=True,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=loop.batch_size,
+        num_workers=cfg.data.loader_workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
+    steps_per_epoch = train_set.batch_count(loop.batch_size, cfg.data.loader_workers)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{data}: {len(train_set)} train samples per worker is less than one batch of "
+            f"train.batch_size={loop.batch_size}"
+        )
+    total_steps = loop.epochs * steps_per_epoch
+    if loop.max_steps:
+        total_steps = min(total_steps, loop.max_steps)
+
+    # 2. Models and optimizers (paper: Adam, lr 2e-4, betas (0.5, 0.999), no decay).
+    memory_format = torch.channels_last if loop.channels_last else torch.contiguous_format
+    gen = build_generator(cfg.model).to(device, memory_format=memory_format)
+    disc = build_discriminator(cfg.model).to(device, memory_format=memory_format)
+    betas = (loop.beta1, loop.beta2)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=loop.lr, betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=loop.lr, betas=betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16")
+    autocast = autocast_context(device, loop.precision)
+
+    # 3. Resume, or measure the real-TIR statistics that generation reports compare against.
+    step, best_ssim, last_val, tir_stats = 0, -math.inf, {}, None
+    if resume:
+        saved = load_checkpoint(out / CHECKPOINTS / LATEST)
+        gen.load_state_dict(saved["generator"])
+        disc.load_state_dict(saved["discriminator"])
+        opt_g.load_state_dict(saved["optim_g"])
+        opt_d.load_state_dict(saved["optim_d"])
+        scaler.load_state_dict(saved["scaler"])
+        step, best_ssim, last_val = saved["step"], saved["best_ssim"], saved["val"]
+        tir_stats = saved["tir_stats"]
+    elif rank == 0:
+        tir_stats = real_tir_statistics(data, cfg.data.image_size)
+    if world > 1:
+        gen, disc = _wrap_ddp(gen), _wrap_ddp(disc)
+    val_set = _val_dataset(data, cfg) if rank == 0 else None
+    stats_log = StatsLog(out, step) if rank == 0 else None
+
+    def save(path_name: str, val: dict[str, Any]) -> None:
+        state = checkpoint_state(
+            cfg,
+            data,
+            gen,
+            disc,
+            opt_g,
+            opt_d,
+            scaler,
+            step,
+            steps_per_epoch,
+            best_ssim,
+            val,
+            tir_stats,
+        )
+        save_checkpoint(out / CHECKPOINTS / path_name, state)
+
+    def end_of_epoch_or_run() -> None:
+        nonlocal best_ssim, last_val
+        epoch = step / steps_per_epoch
+        if val_set is not None:
+            last_val = validate(_unwrap(gen), val_set, device, autocast, cfg.data.val_samples)
+            stats_log.write({"kind": "val", "step": step, "epoch": epoch, **last_val})
+            write_sample_grid(
+                _unwrap(gen),
+                val_set,
+                device,
+                autocast,
+                loop.sample_count,
+                out / "samples" / f"step_{step:08d}.png",
+            )
+        save(LATEST, last_val)
+        if last_val and last_val["ssim"] > best_ssim:
+            best_ssim = last_val["ssim"]
+            save(BEST, last_val)
+
+    # 4. The loop: count steps; an epoch is steps_per_epoch steps on every rank.
+    bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step")
+    window_start, window_steps = time.perf_counter(), 0
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        train_set.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index < done_in_epoch:
+                continue  # resuming mid-epoch: skip what the checkpoint already trained on
+            # Dropout noise is a function of (seed, rank, step): resume is exact anywhere.
+            torch.manual_seed(_step_seed(loop.seed, rank, step))
+            losses = train_step(
+                batch, gen, disc, opt_g, opt_d, cfg.loss, autocast, scaler, device, memory_format
+            )
+            losses = _mean_over_ranks(losses, world, device)
+            step += 1
+            window_steps += 1
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise TrainingDiverged(
+                    f"non-finite loss at step {step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+                    + f"; stopped, last good checkpoint kept in {out / CHECKPOINTS}"
+                )
+            if rank == 0 and (step % loop.log_every == 0 or step == total_steps):
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * loop.batch_size * world / elapsed
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    **losses,
+                    "samples_per_s": rate,
+                }
+                stats_log.write(record)
+                bar.set_postfix(d=f"{losses['d']:.3g}", g=f"{losses['g']:.3g}", img_s=f"{rate:.1f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            if rank == 0 and loop.checkpoint_every and step % loop.checkpoint_every == 0:
+                save(f"step_{step:08d}.pt", last_val)
+            if step % steps_per_epoch == 0 or step == total_steps:
+                if rank == 0:
+                    end_of_epoch_or_run()
+                break
+    bar.close()
+    if stats_log is not None:
+        stats_log.close()
+
+
+def train_step(
+    batch: dict[str, Any],
+    gen: nn.Module,
+    disc: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    loss_cfg: LossConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
+    """One D step then one G step, in pix2pix's order.
+
+    Returns:
+        Each loss term as a float: d, g (total) and g's weighted parts.
+    """
+    cond = batch["rgb"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
+    real = batch["tir"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 1, S, S)
+    with autocast():
+        fake = gen(cond)
+
+    # 1. D on real and detached fake pairs, in one forward pass (see the module docstring).
+    _set_requires_grad(disc, True)
+    opt_d.zero_grad(set_to_none=True)
+    with autocast():
+        logits = disc(torch.cat([cond, cond]), torch.cat([real, fake.detach()]))
+    real_logits, fake_logits = logits.float().chunk(2)
+    loss_d = discriminator_loss(real_logits, fake_logits, loss_cfg.gan_mode)
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+
+    # 2. Freeze D: G's backward needs gradients through D, not for D's weights. The bare
+    # module is called so that DDP does not wait for D gradients that never come.
+    _set_requires_grad(disc, False)
+    opt_g.zero_grad(set_to_none=True)
+    fake_logits = None
+    if loss_cfg.gan:
+        with autocast():
+            fake_logits = _unwrap(disc)(cond, fake).float()
+
+    # 3. G on the non-saturating GAN loss plus the L1, gradient and intensity terms (Eq. 7).
+    loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg)
+    scaler.scale(loss_g).backward()
+    scaler.step(opt_g)
+    scaler.update()
+    return {"d": loss_d.item(), "g": loss_g.item(), **parts}
+
+
+def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
+    """A factory of autocast contexts for `precision` (fp32: a no-op)."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA; use bf16 on the CPU")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def checkpoint_state(
+    cfg, data, gen, disc, opt_g, opt_d, scaler, step, steps_per_epoch, best_ssim, val, tir_stats
+) -> dict[str, Any]:
+    """Everything a resume, `generate` and `evaluate` need, as tensors and plain values."""
+    return {
+        "config": to_dict(cfg),
+        "generator": _unwrap(gen).state_dict(),
+        "discriminator": _unwrap(disc).state_dict(),
+        "optim_g": opt_g.state_dict(),
+        "optim_d": opt_d.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "best_ssim": best_ssim,
+        "val": val,
+        "tir_stats": tir_stats,
+        "data": str(data),
+        "seed": cfg.train.seed,  # with the step, fixes every random draw of the run
+        "torch": str(torch.__version__),
+    }
+
+
+class StatsLog:
+    """Append-only `stats.jsonl` (plus TensorBoard events when it is installed).
+
+    Opening it for a resumed run drops records past the resumed step, so the log holds each
+    step once.
+    """
+
+    def __init__(self, out: Path, resume_step: int):
+        self.path = out / STATS
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            with atomic_output(self.path) as handle:
+                handle.write("".join(f"{line}\n" for line in kept).encode())
+        self.handle = self.path.open("a")
+        self.tensorboard = _tensorboard_writer(out / "tensorboard")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    try:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={
+                "cfg": to_dict(cfg),
+                "data": str(data),
+                "out": str(out),
+                "resume": resume,
+                "progress": progress,
+            },
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available()),
+            run_config=RunConfig(name=out.name, storage_path=str(out / "ray")),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    cfg = from_dict(TrainConfig, config["cfg"])
+    train_worker(
+        cfg,
+        Path(config["data"]),
+        Path(config["out"]),
+        resume=config["resume"],
+        progress=config["progress"],
+    )
+
+
+def _val_dataset(data: Path, cfg: TrainConfig) -> PairDataset | None:
+    try:
+        return PairDataset(data, cfg.data.val_split, image_size=cfg.data.image_size)
+    except ValueError:
+        print(f"note: {data} has no {cfg.data.val_split!r} split; training without validation")
+        return None
+
+
+def _distributed_position() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pick_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cuda")
+
+
+def _mean_over_ranks(losses: dict[str, float], world: int, device) -> dict[str, float]:
+    if world == 1:
+        return losses
+    values = torch.tensor(list(losses.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)  # also makes every rank see a non-finite loss and stop together
+    return dict(zip(losses, (values / world).tolist(), strict=True))
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    digest = hashlib.sha256(f"{seed}-{rank}-{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _wrap_ddp(module: nn.Module) -> DistributedDataParallel:
+    # BatchNorm buffers are not re-broadcast before each forward (see the module docstring);
+    # torch 2.14 renamed the option, older releases only know broadcast_buffers.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(module, forward_sync_buffers=False)
+    return DistributedDataParallel(module, broadcast_buffers=False)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+    return SummaryWriter(str(path))
