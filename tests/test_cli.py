@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE
 
 from tirsynth.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("command", [[], ["ingest"], ["info"], ["bench"], ["bench", "ingest"]])
@@ -91,3 +94,17 @@ def test_user_errors_are_clean_messages(tmp_path):
     result = CliRunner().invoke(main, ["ingest", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "cannot detect the layout" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_train_prints_sparse_and_dense_side_by_side():
+    result = CliRunner().invoke(
+        main,
+        ["bench", "train", "--config", str(CONFIGS / "sparse.yaml"), "--set", "model.ngf=4",
+         "--set", "model.ndf=4", "--set", "data.image_size=256", "--steps", "1",
+         "--precision", "fp32", "--precision", "bf16"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sparse/dense" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("bf16 "))
+    sparse, dense, ratio = map(float, row.split()[1:])
+    assert sparse > 0 and dense > 0 and abs(ratio - sparse / dense) < 0.01

@@ -179,3 +179,9 @@ def test_ray_train_two_workers(learnable_shards, tmp_path, ray_session):
     gen, _ = load_generator(result.checkpoint)
     assert gen(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
     assert [r["step"] for r in stats(result.out, "train")] == list(range(1, 7))
+    # Resumed under Ray, a divergence on every rank comes back as TrainingDiverged (not a
+    # Ray error, and without Ray restarting the workers) and leaves step 6's checkpoint.
+    with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 7"):
+        diverging = tiny_cfg("train.max_steps=9", "train.epochs=100", "loss.l1=1e39")
+        train.run(diverging, learnable_shards, result.out, workers=2, resume=True, progress=False)
+    assert load_checkpoint(result.checkpoint)["step"] == 6

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from tirsynth import ingest, layouts
-from tirsynth.config import IngestConfig
+from tirsynth.config import IngestConfig, TrainConfig
 
 TRIALS = 3
 
@@ -104,3 +106,82 @@ def _time(function) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
+
+
+def bench_train(
+    cfg: TrainConfig, precisions: list[str], steps: int = 3, rounds: int = 2
+) -> Iterator[str]:
+    """Seconds per training step (D step + G step) of the sparse and the dense generator.
+
+    Both models use `cfg` except for the skip set, on a synthetic batch of
+    `train.batch_size` images of `data.image_size`. Each figure is the best mean over
+    `rounds` rounds of `steps` steps; the rounds alternate between the models so that drift
+    on a shared machine hits both alike.
+    """
+    import torch
+
+    from tirsynth.models import build_discriminator, build_generator, count_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size, batch_size = cfg.data.image_size, cfg.train.batch_size
+    threads = torch.get_num_threads()
+    yield f"device {device} ({threads} threads), image {size}x{size}, batch {batch_size}"
+    variants = {name: replace(cfg.model, skips=name) for name in ("sparse", "dense")}
+    for name, model_cfg in variants.items():
+        rgb = torch.zeros(1, model_cfg.in_channels, size, size)
+        tir = torch.zeros(1, model_cfg.out_channels, size, size)
+        gen_gflops = count_flops(build_generator(model_cfg).eval(), rgb) / 1e9
+        disc_gflops = count_flops(build_discriminator(model_cfg).eval(), rgb, tir) / 1e9
+        yield f"{name:<7} forward GFLOPs per image: G {gen_gflops:.2f}, D {disc_gflops:.2f}"
+    yield f"{'precision':<10}{'sparse s/it':>13}{'dense s/it':>12}{'sparse/dense':>14}"
+    best: dict[tuple[str, str], float] = {}
+    for precision in precisions:
+        for _ in range(rounds):
+            for name, model_cfg in variants.items():
+                seconds = _seconds_per_train_step(replace(cfg, model=model_cfg), precision,
+                                                  device, steps)  # fmt: skip
+                best[precision, name] = min(best.get((precision, name), math.inf), seconds)
+        sparse, dense = best[precision, "sparse"], best[precision, "dense"]
+        yield f"{precision:<10}{sparse:>13.3f}{dense:>12.3f}{sparse / dense:>14.3f}"
+    for precision in precisions:
+        if precision != "fp32" and "fp32" in precisions:
+            speedup = best["fp32", "sparse"] / best[precision, "sparse"]
+            yield f"{precision} vs fp32, sparse: {speedup:.2f}x faster"
+
+
+def _seconds_per_train_step(cfg: TrainConfig, precision: str, device, steps: int) -> float:
+    import torch
+
+    from tirsynth import train
+    from tirsynth.models import build_discriminator, build_generator
+
+    size, batch_size = cfg.data.image_size, cfg.train.batch_size
+    batch = {
+        "rgb": torch.rand(batch_size, cfg.model.in_channels, size, size) * 2 - 1,
+        "tir": torch.rand(batch_size, cfg.model.out_channels, size, size) * 2 - 1,
+    }
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    gen = build_generator(cfg.model).to(device, memory_format=memory_format)
+    disc = build_discriminator(cfg.model).to(device, memory_format=memory_format)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.train.lr, betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr, betas=betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = train.autocast_context(device, precision)
+    timings = []
+    for _ in range(steps + 1):  # the first step warms up allocations and kernel choice
+        _sync(device)
+        start = time.perf_counter()
+        train.train_step(batch, gen, disc, opt_g, opt_d, cfg.loss, autocast, scaler, device,
+                         memory_format)  # fmt: skip
+        _sync(device)
+        timings.append(time.perf_counter() - start)
+    return sum(timings[1:]) / steps
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()

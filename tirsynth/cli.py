@@ -212,6 +212,22 @@ def bench_ingest(sources, meta, repeat, workers) -> None:
         click.echo(line)
 
 
+@bench.command("train")
+@click.option("--config", "config_path", default="configs/sparse.yaml", show_default=True,
+              type=click.Path(exists=True, dir_okay=False))  # fmt: skip
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--precision", "precisions", multiple=True, default=["fp32", "bf16"],
+              show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))  # fmt: skip
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1))
+def bench_train(config_path, overrides, precisions, steps) -> None:
+    """Seconds per training step, sparse vs dense generator, for each precision."""
+    from tirsynth import bench as bench_module
+
+    cfg = _load(config_path, TrainConfig, list(overrides))
+    for line in bench_module.bench_train(cfg, list(precisions), steps):
+        click.echo(line)
+
+
 def _load(path, cls, overrides):
     try:
         return load_config(path, cls, overrides)

@@ -38,6 +38,8 @@ from tirsynth.shards import atomic_output
 
 CHECKPOINTS = "checkpoints"
 STATS = "stats.jsonl"
+DIVERGED = "diverged.txt"  # how Ray Train workers tell the driver that the losses blew up
+RAY_MAX_FAILURES = 2  # worker-group restarts, each resuming from the latest checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -114,6 +116,7 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
                 f"not {to_dict(cfg.model)}"
             )
     out.mkdir(parents=True, exist_ok=True)
+    (out / DIVERGED).unlink(missing_ok=True)  # left by a driver that was killed
     with atomic_output(out / "config.yaml") as handle:
         handle.write(config_yaml(cfg).encode())
 
@@ -238,11 +241,7 @@ def train_worker(
             step += 1
             window_steps += 1
             if not all(math.isfinite(v) for v in losses.values()):
-                raise TrainingDiverged(
-                    f"non-finite loss at step {step}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-                    + f"; stopped, last good checkpoint kept in {out / CHECKPOINTS}"
-                )
+                raise TrainingDiverged(_divergence_message(step, losses, out))
             if rank == 0 and (step % loop.log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * loop.batch_size * world / elapsed
@@ -386,7 +385,7 @@ class StatsLog:
 
 def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started_here = not ray.is_initialized()
@@ -403,23 +402,35 @@ def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
                 "progress": progress,
             },
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=torch.cuda.is_available()),
-            run_config=RunConfig(name=out.name, storage_path=str(out / "ray")),
+            run_config=RunConfig(
+                name=out.name,
+                storage_path=str(out / "ray"),
+                failure_config=FailureConfig(max_failures=RAY_MAX_FAILURES),
+            ),
         )
         trainer.fit()
+        diverged = out / DIVERGED
+        if diverged.exists():
+            message = diverged.read_text()
+            diverged.unlink()
+            raise TrainingDiverged(message)
     finally:
         if started_here:
             ray.shutdown()
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
-    cfg = from_dict(TrainConfig, config["cfg"])
-    train_worker(
-        cfg,
-        Path(config["data"]),
-        Path(config["out"]),
-        resume=config["resume"],
-        progress=config["progress"],
-    )
+    cfg, out = from_dict(TrainConfig, config["cfg"]), Path(config["out"])
+    # When Ray restarts a failed worker group, this run's latest checkpoint is where to go on.
+    resume = config["resume"] or (out / CHECKPOINTS / LATEST).exists()
+    try:
+        train_worker(cfg, Path(config["data"]), out, resume=resume, progress=config["progress"])
+    except TrainingDiverged as err:
+        # Returned, not raised: Ray would restart the workers and they would diverge again.
+        # Every rank sees the same averaged losses, so all of them get here together.
+        if _distributed_position()[0] == 0:
+            with atomic_output(out / DIVERGED) as handle:
+                handle.write(str(err).encode())
 
 
 def _val_dataset(data: Path, cfg: TrainConfig) -> PairDataset | None:
@@ -452,6 +463,13 @@ def _mean_over_ranks(losses: dict[str, float], world: int, device) -> dict[str, 
     values = torch.tensor(list(losses.values()), dtype=torch.float64, device=device)
     dist.all_reduce(values)  # also makes every rank see a non-finite loss and stop together
     return dict(zip(losses, (values / world).tolist(), strict=True))
+
+
+def _divergence_message(step: int, losses: dict[str, float], out: Path) -> str:
+    values = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+    latest = out / CHECKPOINTS / LATEST
+    kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint yet"
+    return f"non-finite loss at step {step} ({values}); training stopped, {kept}"
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
