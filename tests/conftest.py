@@ -145,3 +145,18 @@ def ray_session():
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(learnable_shards, tmp_path_factory) -> Path:
+    """A tiny generator trained for 200 steps on `learnable_shards` (inverted luma)."""
+    from tirsynth import train
+    from tirsynth.config import TrainConfig, load_config
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+        TrainConfig,
+        ["train.max_steps=200", "train.epochs=1000", "train.lr=1e-3", "train.log_every=50"],
+    )
+    run = tmp_path_factory.mktemp("tiny-run")
+    return train.run(cfg, learnable_shards, run, progress=False).best_checkpoint

@@ -99,10 +99,25 @@ def test_user_errors_are_clean_messages(tmp_path):
 def test_bench_train_prints_sparse_and_dense_side_by_side():
     result = CliRunner().invoke(
         main,
-        ["bench", "train", "--config", str(CONFIGS / "sparse.yaml"), "--set", "model.ngf=4",
-         "--set", "model.ndf=4", "--set", "data.image_size=256", "--steps", "1",
-         "--precision", "fp32", "--precision", "bf16"],
-    )  # fmt: skip
+        [
+            "bench",
+            "train",
+            "--config",
+            str(CONFIGS / "sparse.yaml"),
+            "--set",
+            "model.ngf=4",
+            "--set",
+            "model.ndf=4",
+            "--set",
+            "data.image_size=256",
+            "--steps",
+            "1",
+            "--precision",
+            "fp32",
+            "--precision",
+            "bf16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "sparse/dense" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("bf16 "))

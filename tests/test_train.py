@@ -32,14 +32,25 @@ def test_train_step_updates_g_and_d_with_finite_losses(learnable_shards):
     gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
-                                                  batch_size=3)))  # fmt: skip
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32), batch_size=3)
+        )
+    )
     before_g = [p.clone() for p in gen.parameters()]
     before_d = [p.clone() for p in disc.parameters()]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = train.train_step(batch, gen, disc, opt_g, opt_d, cfg.loss,
-                              train.autocast_context(torch.device("cpu"), "fp32"), scaler,
-                              torch.device("cpu"))  # fmt: skip
+    losses = train.train_step(
+        batch,
+        gen,
+        disc,
+        opt_g,
+        opt_d,
+        cfg.loss,
+        train.autocast_context(torch.device("cpu"), "fp32"),
+        scaler,
+        torch.device("cpu"),
+    )
     assert set(losses) == {"d", "g", "g_gan", "g_l1", "g_intensity", "g_gradient"}
     assert all(math.isfinite(v) for v in losses.values())
     assert all(not torch.equal(a, b) for a, b in zip(before_g, gen.parameters(), strict=True))
@@ -50,16 +61,26 @@ def test_train_step_updates_g_and_d_with_finite_losses(learnable_shards):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_learns_a_mapping(learnable_shards, tmp_path, precision):
     """G learns inverted luma: L1 falls by half and val SSIM rises by 0.25 in 200 steps."""
-    cfg = tiny_cfg("train.max_steps=200", "train.epochs=1000", "train.lr=1e-3",
-                   "train.log_every=10", f"train.precision={precision}")  # fmt: skip
+    cfg = tiny_cfg(
+        "train.max_steps=200",
+        "train.epochs=1000",
+        "train.lr=1e-3",
+        "train.log_every=10",
+        f"train.precision={precision}",
+    )
     torch.manual_seed(cfg.train.seed)
-    untrained = validate(build_generator(cfg.model), PairDataset(learnable_shards, "val",
-                         image_size=32), torch.device("cpu"))  # fmt: skip
+    untrained = validate(
+        build_generator(cfg.model),
+        PairDataset(learnable_shards, "val", image_size=32),
+        torch.device("cpu"),
+    )
     result = train.run(cfg, learnable_shards, tmp_path / "run", progress=False)
     l1 = [r["g_l1"] for r in stats(result.out, "train")]
     first, last = sum(l1[:3]) / 3, sum(l1[-3:]) / 3
-    print(f"{precision}: L1 {first:.2f} -> {last:.2f}; "
-          f"val SSIM {untrained['ssim']:.3f} -> {result.val['ssim']:.3f}")  # fmt: skip
+    print(
+        f"{precision}: L1 {first:.2f} -> {last:.2f}; "
+        f"val SSIM {untrained['ssim']:.3f} -> {result.val['ssim']:.3f}"
+    )
     assert result.step == 200
     assert last < 0.5 * first
     assert result.val["ssim"] > untrained["ssim"] + 0.25
@@ -91,8 +112,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(learnable_shards, t
     good = load_checkpoint(run / "checkpoints" / "latest.pt")
     # An L1 weight beyond float32's range makes the loss infinite on the next step.
     with pytest.raises(train.TrainingDiverged, match="non-finite loss at step 4"):
-        train.run(tiny_cfg("train.max_steps=6", "loss.l1=1e39"), learnable_shards, run,
-                  resume=True, progress=False)  # fmt: skip
+        train.run(
+            tiny_cfg("train.max_steps=6", "loss.l1=1e39"),
+            learnable_shards,
+            run,
+            resume=True,
+            progress=False,
+        )
     kept = load_checkpoint(run / "checkpoints" / "latest.pt")
     assert kept["step"] == 3
     assert all(torch.equal(v, good["generator"][k]) for k, v in kept["generator"].items())
@@ -110,11 +136,21 @@ def test_run_dir_guards(learnable_shards, tmp_path):
 
 
 def test_checkpoint_contents_and_generator_reload(learnable_shards, tmp_path):
-    result = train.run(tiny_cfg("train.max_steps=2"), learnable_shards, tmp_path / "r",
-                       progress=False)  # fmt: skip
+    result = train.run(
+        tiny_cfg("train.max_steps=2"), learnable_shards, tmp_path / "r", progress=False
+    )
     state = load_checkpoint(result.checkpoint)
-    assert {"config", "generator", "discriminator", "optim_g", "optim_d", "step", "seed",
-            "tir_stats", "val"} <= set(state)  # fmt: skip
+    assert {
+        "config",
+        "generator",
+        "discriminator",
+        "optim_g",
+        "optim_d",
+        "step",
+        "seed",
+        "tir_stats",
+        "val",
+    } <= set(state)
     hist = state["tir_stats"]["intensity_hist"]
     assert hist.shape == (256,) and abs(hist.sum().item() - 1) < 1e-9
     assert state["tir_stats"]["images"] == len(PairDataset(learnable_shards, "train"))
@@ -161,7 +197,7 @@ def test_cli_train_and_resume(learnable_shards, tmp_path):
             "--resume",
             "--set",
             "train.max_steps=4",
-        ],  # fmt: skip
+        ],
     )
     assert resumed.exit_code == 0, resumed.output
     assert "trained 4 steps" in resumed.output

@@ -138,8 +138,9 @@ def bench_train(
     for precision in precisions:
         for _ in range(rounds):
             for name, model_cfg in variants.items():
-                seconds = _seconds_per_train_step(replace(cfg, model=model_cfg), precision,
-                                                  device, steps)  # fmt: skip
+                seconds = _seconds_per_train_step(
+                    replace(cfg, model=model_cfg), precision, device, steps
+                )
                 best[precision, name] = min(best.get((precision, name), math.inf), seconds)
         sparse, dense = best[precision, "sparse"], best[precision, "dense"]
         yield f"{precision:<10}{sparse:>13.3f}{dense:>12.3f}{sparse / dense:>14.3f}"
@@ -173,8 +174,9 @@ def _seconds_per_train_step(cfg: TrainConfig, precision: str, device, steps: int
     for _ in range(steps + 1):  # the first step warms up allocations and kernel choice
         _sync(device)
         start = time.perf_counter()
-        train.train_step(batch, gen, disc, opt_g, opt_d, cfg.loss, autocast, scaler, device,
-                         memory_format)  # fmt: skip
+        train.train_step(
+            batch, gen, disc, opt_g, opt_d, cfg.loss, autocast, scaler, device, memory_format
+        )
         _sync(device)
         timings.append(time.perf_counter() - start)
     return sum(timings[1:]) / steps

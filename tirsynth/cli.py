@@ -8,7 +8,13 @@ import sys
 import click
 
 from tirsynth import __version__, shards
-from tirsynth.config import IngestConfig, TrainConfig, config_yaml, load_config
+from tirsynth.config import (
+    GenerateConfig,
+    IngestConfig,
+    TrainConfig,
+    config_yaml,
+    load_config,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,8 +146,13 @@ def info(root, as_json) -> None:
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue OUT from its latest checkpoint.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Data-parallel workers; more than 1 runs through Ray Train (DDP).")  # fmt: skip
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Data-parallel workers; more than 1 runs through Ray Train (DDP).",
+)
 @click.option("--address", help="Ray cluster to join (with --workers > 1).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. train.lr=1e-4")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -165,6 +176,92 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     scores = f"; val SSIM {val['ssim']:.4f}, PSNR {val['psnr']:.2f}" if val else ""
     click.echo(f"trained {result.step} steps ({result.epoch} epochs){scores}")
     click.echo(f"checkpoint: {result.checkpoint}  best: {result.best_checkpoint}")
+
+
+@main.command()
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    type=click.Path(exists=True),
+    help="Folder, COCO or YOLO root, text list of paths, or pair shards.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Trained checkpoint [default: the newest best.pt under ./runs].",
+)
+@click.option(
+    "--kind",
+    "input_kind",
+    type=click.Choice(["auto", "folder", "coco", "yolo", "list", "shards"]),
+    help="Input kind [auto: detected].",
+)
+@click.option("--split", help="Pair-shard input: only this split.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call [8].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    help="Model replicas [0: one per GPU, or 1 on the CPU].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where the hardware has it [auto].",
+)
+@click.option(
+    "--size", type=click.IntRange(min=1), help="Model-side square [the checkpoint's training crop]."
+)
+@click.option("--keep-rgb", is_flag=True, default=None, help="Also store each input RGB.")
+@click.option(
+    "--min-structure",
+    type=click.FloatRange(0, 1),
+    help="Reject outputs whose structure score is below this [0].",
+)
+@click.option("--shard-size", type=click.IntRange(min=1), help="Samples per shard [256].")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUT.")
+@click.option("--address", help="Ray cluster to join [a local one].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
+def generate(input_, overrides, dry_run, **flags) -> None:
+    """RGB images (folder, COCO, YOLO, list, pair shards) -> TIR shards with labels."""
+    from tirsynth import generate as generate_stage
+
+    given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = _load(None, GenerateConfig, [f"input={json.dumps(input_)}", *given, *overrides])
+    if dry_run:
+        click.echo(config_yaml(cfg), nl=False)
+        return
+    try:
+        result = generate_stage.run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    overall = result.report["overall"]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if v is not None)
+    click.echo(
+        f"generated {result.generated} images ({result.total} in {result.out}); "
+        f"{result.report['images_per_s']:.2f} images/s; checkpoint {result.checkpoint}"
+    )
+    click.echo(f"mean quality: {scores}")
+    if result.rejects:
+        click.echo(f"{len(result.rejects)} inputs rejected (see {result.out}/rejects.parquet):")
+        for reason, count in sorted(result.report["rejects_by_reason"].items()):
+            click.echo(f"  {count:>6}  {reason}")
+
+
+@main.command()
+@click.argument("generated", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", required=True, type=click.Path(file_okay=False), help="Target folder.")
+def export(generated, to) -> None:
+    """Write a generate run's outputs as a folder tree mirroring its input, labels beside."""
+    from tirsynth import export as export_stage
+
+    try:
+        count = export_stage.run(generated, to)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"exported {count} images to {to}")
 
 
 @main.command()
@@ -213,11 +310,22 @@ def bench_ingest(sources, meta, repeat, workers) -> None:
 
 
 @bench.command("train")
-@click.option("--config", "config_path", default="configs/sparse.yaml", show_default=True,
-              type=click.Path(exists=True, dir_okay=False))  # fmt: skip
+@click.option(
+    "--config",
+    "config_path",
+    default="configs/sparse.yaml",
+    show_default=True,
+    type=click.Path(exists=True, dir_okay=False),
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-@click.option("--precision", "precisions", multiple=True, default=["fp32", "bf16"],
-              show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))  # fmt: skip
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    default=["fp32", "bf16"],
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+)
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1))
 def bench_train(config_path, overrides, precisions, steps) -> None:
     """Seconds per training step, sparse vs dense generator, for each precision."""

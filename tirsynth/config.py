@@ -162,6 +162,38 @@ class TrainConfig:
             )
 
 
+CorpusKind = Literal["auto", "folder", "coco", "yolo", "list", "shards"]
+GeneratePrecision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Options of `tirsynth generate` (see `tirsynth generate --help`)."""
+
+    input: str = ""  # folder, COCO or YOLO root, list file, or pair shards
+    out: str = "generated"
+    checkpoint: str | None = None  # None: the newest best.pt under ./runs
+    input_kind: CorpusKind = "auto"
+    split: str | None = None  # pair-shard input: only this split
+    batch_size: int = 8  # images per model call
+    workers: int = 0  # model replicas; 0: one per GPU, or 1 on the CPU
+    precision: GeneratePrecision = "auto"  # auto: bf16 where the hardware has it, else fp32
+    size: int | None = None  # model-side square; None: the checkpoint's data.image_size
+    keep_rgb: bool = False  # also store the input RGB in each sample
+    min_structure: float = 0.0  # reject outputs whose structure score is below this
+    shard_size: int = 256  # samples per output shard
+    max_pixels: int = 178_956_970  # decompression-bomb limit per input image
+    overwrite: bool = False  # replace a different generation in `out`
+    address: str | None = None  # Ray cluster; None starts a local one
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if self.batch_size < 1 or self.shard_size < 1 or self.workers < 0:
+            raise ValueError("batch_size and shard_size must be >= 1, workers >= 0")
+        if not 0 <= self.min_structure <= 1:
+            raise ValueError(f"min_structure must be in [0, 1], got {self.min_structure}")
+
+
 def load_config(path: str | Path | None, cls: type[T], overrides: list[str] = ()) -> T:
     """Build `cls` from a YAML file (or defaults when `path` is None) plus `key=value` overrides.
 

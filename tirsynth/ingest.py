@@ -8,7 +8,6 @@ killed run resumes where it stopped. Bad inputs land in `rejects.parquet` with a
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import math
@@ -66,11 +65,11 @@ def run(cfg: IngestConfig) -> IngestResult:
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out):
+    with shards.exclusive_lock(out, LOCK, "ingest"):
         inputs, pairs, rejects = discover_all(cfg)
         meta_rows = read_meta(cfg.meta) if cfg.meta else []
         fingerprint = compute_fingerprint(cfg, inputs)
-        index = prepare_output(out, fingerprint, cfg.overwrite)
+        index = shards.prepare_output(out, fingerprint, cfg.overwrite, shards.SPLITS, "ingest")
         done = {row["key"] for row in index}
         planned, meta_unmatched = plan_pairs(pairs, meta_rows, cfg)
         planned, duplicates = drop_duplicate_keys(planned)
@@ -197,7 +196,7 @@ def write_pending(
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
     with tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar:
         for rows, rejected in _map(write_task, [(t, options) for t in tasks], workers):
-            shard_bytes = _shard_size(out / rows[0]["shard"]) if rows else 0
+            shard_bytes = shards.file_size(out / rows[0]["shard"]) if rows else 0
             index += [{**row, "shard_bytes": shard_bytes} for row in rows]
             reject_rows += rejected
             added += len(rows)
@@ -226,7 +225,7 @@ def plan_tasks(
     size = max(1, min(shard_size, math.ceil(len(pending) / (4 * workers))))
     for split in sorted({p.split for p in pending}):
         todo = [p for p in pending if p.split == split]
-        number = _next_shard_number(out, split)
+        number = shards.next_shard_number(out, split)
         for start in range(0, len(todo), size):
             yield ShardTask(
                 out / shards.shard_name(split, number), tuple(todo[start : start + size])
@@ -309,45 +308,6 @@ def build_sample(pair: PlannedPair, shard: str, options: dict) -> tuple[dict, di
     return sample, row
 
 
-def prepare_output(out: Path, fingerprint: str, overwrite: bool) -> list[dict]:
-    """Check that `out` is empty or holds this same ingest; clear what a killed run left.
-
-    Returns:
-        The index rows whose shards are intact (empty for a new or replaced folder).
-    """
-    manifest = shards.read_manifest(out)
-    ours = [p for p in out.iterdir() if _is_ours(p)]
-    foreign = [p for p in out.iterdir() if not _is_ours(p) and p.name != LOCK]
-    same = manifest is not None and manifest.get("fingerprint") == fingerprint
-    if not same and (ours or foreign):
-        if not overwrite:
-            what = "a different ingest" if manifest else "files that are not an ingest"
-            raise FileExistsError(
-                f"{out} already holds {what}; pass --overwrite to replace it, or choose "
-                "another --out"
-            )
-        if foreign:
-            raise FileExistsError(
-                f"{out} holds files tirsynth did not write ({foreign[0].name}, ...); "
-                "refusing to clear it"
-            )
-        for path in ours:
-            path.unlink()
-        return []
-    index = shards.read_index(out)
-    intact = {r["shard"] for r in index if _shard_size(out / r["shard"]) == r["shard_bytes"]}
-    if len(intact) < len({r["shard"] for r in index}):
-        # A system crash can leave a renamed but unflushed shard: redo its pairs.
-        index = [r for r in index if r["shard"] in intact]
-        shards.write_table(out / shards.INDEX, index)
-    for path in ours:
-        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
-        orphan = path.suffix == ".tar" and path.name not in intact
-        if stale_tmp or orphan:
-            path.unlink()
-    return index
-
-
 def compute_fingerprint(cfg: IngestConfig, inputs: list[dict]) -> str:
     options = {k: v for k, v in to_dict(cfg).items() if k in OPTIONS_IN_FINGERPRINT}
     meta = Path(cfg.meta).read_bytes() if cfg.meta else b""
@@ -407,40 +367,3 @@ def _map(function, items: list, workers: int):
     # fork: workers inherit imports and the ingest lock (held until the last one exits).
     with multiprocessing.get_context("fork").Pool(min(workers, len(items))) as pool:
         yield from pool.imap_unordered(function, items)
-
-
-def _next_shard_number(out: Path, split: str) -> int:
-    numbers = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"{split}-*.tar")]
-    return max(numbers, default=-1) + 1
-
-
-def _shard_size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else -1
-
-
-def _is_ours(path: Path) -> bool:
-    name = path.name
-    return (
-        name in (shards.INDEX, shards.REJECTS, shards.MANIFEST)
-        or (name.endswith(".tar") and name.split("-")[0] in shards.SPLITS)
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
-
-
-class _exclusive_lock:
-    """flock on OUT/.ingest.lock: one ingest per folder at a time."""
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK
-
-    def __enter__(self):
-        self.handle = open(self.path, "w")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another ingest into {self.path.parent} to finish ...")
-            fcntl.flock(self.handle, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()

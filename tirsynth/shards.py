@@ -9,6 +9,7 @@ memory. This is the only module that knows the tar layout.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -99,11 +100,11 @@ def write_table(path: Path, rows: list[dict[str, Any]] | pa.Table) -> None:
         pq.write_table(table, handle)
 
 
-def write_rejects(root: str | Path, rows: list[dict[str, Any]]) -> None:
+def write_rejects(
+    root: str | Path, rows: list[dict[str, Any]], names: tuple[str, ...] = REJECT_COLUMNS
+) -> None:
     # Built column by column: Table.from_pylist would import pandas (a quarter second).
-    columns = {
-        name: pa.array([row.get(name) for row in rows], pa.string()) for name in REJECT_COLUMNS
-    }
+    columns = {name: pa.array([row.get(name) for row in rows], pa.string()) for name in names}
     write_table(Path(root) / REJECTS, pa.table(columns))
 
 
@@ -151,6 +152,97 @@ def summarize(root: str | Path) -> dict[str, Any]:
         "rejects": len(rejects),
         "rejects_by_reason": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
     }
+
+
+def prepare_output(
+    out: Path,
+    fingerprint: str,
+    overwrite: bool,
+    shard_prefixes: tuple[str, ...],
+    stage: str,
+    extra_files: tuple[str, ...] = (),
+) -> list[dict]:
+    """Check that `out` is empty or holds this same run; clear what a killed run left.
+
+    Args:
+        out: the output folder (it exists).
+        fingerprint: what identifies the run's inputs and options (see manifest.json).
+        overwrite: replace a different run's files (never files tirsynth did not write).
+        shard_prefixes: shard names this stage writes, `{prefix}-{n:06d}.tar`.
+        stage: "ingest" or "generate", for messages.
+        extra_files: other file names this stage writes in `out`.
+
+    Returns:
+        The index rows whose shards are intact (empty for a new or replaced folder).
+    """
+
+    def is_ours(path: Path) -> bool:
+        name = path.name
+        return (
+            name in (INDEX, REJECTS, MANIFEST, *extra_files)
+            or (name.endswith(".tar") and name.rsplit("-", 1)[0] in shard_prefixes)
+            or (name.startswith(".") and name.endswith(".tmp"))
+        )
+
+    manifest = read_manifest(out)
+    ours = [p for p in out.iterdir() if is_ours(p)]
+    foreign = [p for p in out.iterdir() if not is_ours(p) and not p.name.endswith(".lock")]
+    same = manifest is not None and manifest.get("fingerprint") == fingerprint
+    if not same and (ours or foreign):
+        if not overwrite:
+            what = f"a different {stage}" if manifest else f"files that are not a {stage}"
+            raise FileExistsError(
+                f"{out} already holds {what}; pass --overwrite to replace it, or choose "
+                "another --out"
+            )
+        if foreign:
+            raise FileExistsError(
+                f"{out} holds files tirsynth did not write ({foreign[0].name}, ...); "
+                "refusing to clear it"
+            )
+        for path in ours:
+            path.unlink()
+        return []
+    index = read_index(out)
+    intact = {r["shard"] for r in index if file_size(out / r["shard"]) == r["shard_bytes"]}
+    if len(intact) < len({r["shard"] for r in index}):
+        # A system crash can leave a renamed but unflushed shard: redo its samples.
+        index = [r for r in index if r["shard"] in intact]
+        write_table(out / INDEX, index)
+    for path in ours:
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        orphan = path.suffix == ".tar" and path.name not in intact
+        if stale_tmp or orphan:
+            path.unlink()
+    return index
+
+
+def next_shard_number(out: Path, prefix: str) -> int:
+    numbers = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"{prefix}-*.tar")]
+    return max(numbers, default=-1) + 1
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else -1
+
+
+class exclusive_lock:
+    """flock on a file in `out`: one run of a stage per folder at a time."""
+
+    def __init__(self, out: Path, name: str, stage: str):
+        self.path, self.stage = out / name, stage
+
+    def __enter__(self):
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another {self.stage} into {self.path.parent} to finish ...")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
 
 class atomic_output:

@@ -1,0 +1,274 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import smooth_rgb
+from PIL import Image
+
+from tirsynth import export, generate, shards
+from tirsynth.config import GenerateConfig
+from tirsynth.corpus import discover_corpus
+from tirsynth.losses import gradient_map
+
+SIZES = [(64, 48), (45, 77), (100, 30), (33, 33)]
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = smooth_rgb(np.random.default_rng(seed), max(size))
+    Image.fromarray(rgb[: size[1], : size[0]]).save(path)
+
+
+def make_coco(root: Path) -> dict:
+    coco = {
+        "info": {"description": "synthetic"},
+        "categories": [{"id": 1, "name": "car"}],
+        "images": [],
+        "annotations": [],
+    }
+    for i, (w, h) in enumerate(SIZES):
+        name = f"{i:012d}.jpg"
+        write_image(root / "val" / name, (w, h), i)
+        coco["images"].append({"id": 100 + i, "file_name": name, "width": w, "height": h})
+        coco["annotations"].append(
+            {
+                "id": 500 + i,
+                "image_id": 100 + i,
+                "category_id": 1,
+                "bbox": [1.5, 2.0, w / 3, h / 4],
+                "area": w * h / 12,
+                "iscrowd": 0,
+            }
+        )
+    coco["images"].append({"id": 999, "file_name": "missing.jpg", "width": 5, "height": 5})
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+    return coco
+
+
+def make_yolo(root: Path) -> dict[str, str]:
+    labels = {}
+    for i, (w, h) in enumerate(SIZES):
+        write_image(root / "images" / "train" / f"img {i}.png", (w, h), 10 + i)
+        if i < 3:  # the last image has no label file: a YOLO background image
+            text = f"0 0.5 0.5 0.25 0.3\n{i} 0.1 0.2 0.05 0.06\n"
+            (root / "labels" / "train").mkdir(parents=True, exist_ok=True)
+            (root / "labels" / "train" / f"img {i}.txt").write_text(text)
+            labels[f"img {i}"] = text
+    (root / "labels" / "train" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (root / "data.yaml").write_text("names: [car]\n")
+    return labels
+
+
+def generate_cfg(source, out, checkpoint, **options) -> GenerateConfig:
+    return GenerateConfig(
+        input=str(source),
+        out=str(out),
+        checkpoint=str(checkpoint),
+        batch_size=3,
+        shard_size=2,
+        **options,
+    )
+
+
+def test_translator_on_a_numpy_batch_without_ray(tiny_checkpoint):
+    translator = generate.Translator(str(tiny_checkpoint), precision="fp32")
+    batch = {
+        "key": np.array(["a", "b"], dtype=object),
+        "pixels": np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8),
+    }
+    out = translator(batch)
+    assert out["tir"].shape == (2, 32, 32) and out["tir"].dtype == np.uint8
+    assert list(out["key"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (45, 77), (7, 300), (1, 1)])
+def test_fit_and_map_back_keep_the_exact_input_size(size):
+    image = Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8))
+    square, content = generate.fit_to_square(image, 32)
+    assert square.shape == (32, 32, 3) and max(content) == 32
+    assert generate.map_back(square[..., 0], content, size).shape == (size[1], size[0])
+
+
+def test_coco_labels_arrive_unchanged_and_point_to_outputs(tmp_path, tiny_checkpoint, ray_session):
+    coco = make_coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    result = generate.run(generate_cfg(tmp_path / "coco", out, tiny_checkpoint), progress=False)
+    assert result.generated == len(SIZES) and result.total == len(SIZES)
+    assert [r["reason"] for r in result.rejects] == ["image named in COCO json not found"]
+    written = json.loads((out / "coco_instances_val.json").read_text())
+    assert written["annotations"] == coco["annotations"]
+    assert written["categories"] == coco["categories"]
+    index = {row["key"]: row for row in shards.read_index(out)}
+    for entry, original in zip(written["images"], coco["images"], strict=False):
+        assert entry["id"] == original["id"] and entry["file_name"].endswith(".png")
+        row = index[entry["tirsynth_key"]]
+        assert (row["width"], row["height"]) == (original["width"], original["height"])
+    # Every sample's json carries its own annotations, unchanged.
+    for shard in {row["shard"] for row in index.values()}:
+        for sample in shards.read_shard(out / shard):
+            record = json.loads(sample["json"])
+            image_id = record["labels"]["coco"]["image"]["id"]
+            expected = [a for a in coco["annotations"] if a["image_id"] == image_id]
+            assert record["labels"]["coco"]["annotations"] == expected
+            tir = Image.open(__import__("io").BytesIO(sample["tir.png"]))
+            assert tir.mode == "L" and tir.size == (record["width"], record["height"])
+            assert 0 <= record["metrics"]["structure"] <= 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == len(SIZES) and report["batches"]
+    assert report["overall"]["structure"] is not None
+
+    folder = tmp_path / "exported"
+    assert export.run(out, folder, progress=False) == len(SIZES)
+    exported = json.loads((folder / "annotations" / "instances_val.json").read_text())
+    assert exported["annotations"] == coco["annotations"]
+    for entry in exported["images"]:
+        with Image.open(folder / entry["file_name"]) as image:
+            assert image.size == (entry["width"], entry["height"])
+
+
+def test_yolo_labels_arrive_unchanged(tmp_path, tiny_checkpoint, ray_session):
+    labels = make_yolo(tmp_path / "yolo")
+    out = tmp_path / "out"
+    result = generate.run(generate_cfg(tmp_path / "yolo", out, tiny_checkpoint), progress=False)
+    assert result.generated == len(SIZES)
+    assert [r["reason"] for r in result.rejects] == ["labels without an image"]
+    folder = tmp_path / "exported"
+    export.run(out, folder, progress=False)
+    for i, (w, h) in enumerate(SIZES):
+        with Image.open(folder / "images" / "train" / f"img {i}.png") as image:
+            assert image.size == (w, h) and image.mode == "L"
+        label_file = folder / "labels" / "train" / f"img {i}.txt"
+        assert label_file.read_text() == labels.get(f"img {i}", "")
+    assert (folder / "data.yaml").read_text() == "names: [car]\n"
+
+
+def test_bright_square_edges_stay_in_place(tmp_path, tiny_checkpoint, ray_session):
+    """The output's strongest edges outline the input's bright square, where it was."""
+    pixels = np.full((64, 96, 3), 40, np.uint8)
+    left, top, right, bottom = 30, 20, 62, 44  # the square covers [left, right) x [top, bottom)
+    pixels[top:bottom, left:right] = 230
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "in" / "square.png")
+    generate.run(
+        generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, size=64), progress=False
+    )
+    sample = next(shards.read_shard(next((tmp_path / "out").glob("tir-*.tar"))))
+    tir = np.asarray(Image.open(__import__("io").BytesIO(sample["tir.png"])), np.float64)
+    assert tir.shape == (64, 96)
+    edges = gradient_map(torch.from_numpy(tir / 255)[None, None])[0, 0].numpy()
+    strong = edges > 0.5 * edges.max()
+    rows, cols = np.nonzero(strong)
+    assert abs(rows.min() - top) <= 3 and abs(rows.max() - (bottom - 1)) <= 3
+    assert abs(cols.min() - left) <= 3 and abs(cols.max() - (right - 1)) <= 3
+    inside = np.zeros_like(strong)
+    inside[top + 4 : bottom - 4, left + 4 : right - 4] = True
+    assert not (strong & inside).any()  # no edges in the square's flat interior
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_the_run_goes_on(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    source = tmp_path / "in"
+    write_image(source / "good.png", (40, 30), 0)
+    write_image(source / "big.png", (300, 300), 1)
+    (source / "empty.jpg").write_bytes(b"")
+    (source / "notes.txt").write_text("not an image")
+    (source / "fake.png").write_text("not an image either")
+    good = (source / "good.png").read_bytes()
+    (source / "truncated.png").write_bytes(good[: len(good) // 2])
+    cfg = generate_cfg(source, tmp_path / "out", tiny_checkpoint, max_pixels=50_000)
+    result = generate.run(cfg, progress=False)
+    reasons = {Path(r["path"]).name: r["reason"] for r in result.rejects}
+    assert result.generated == 1
+    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["empty.jpg"].startswith("empty file")
+    assert reasons["fake.png"].startswith("not an image")
+    assert reasons["big.png"].startswith("image too large")
+    assert reasons["truncated.png"].startswith("truncated")
+    # A rerun finds everything done: nothing generated, nothing duplicated.
+    again = generate.run(cfg, progress=False)
+    assert again.generated == 0 and again.total == 1 and len(again.rejects) == len(reasons)
+
+
+def test_min_structure_moves_outputs_to_rejects(tmp_path, tiny_checkpoint, ray_session):
+    write_image(tmp_path / "in" / "a.png", (40, 30), 0)
+    result = generate.run(
+        generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, min_structure=1.0),
+        progress=False,
+    )
+    assert result.total == 0
+    assert result.rejects[0]["reason"].startswith("structure below --min-structure 1.0")
+
+
+def test_pair_shards_input_is_scored_against_the_real_tir(
+    tmp_path, learnable_shards, tiny_checkpoint, ray_session
+):
+    result = generate.run(
+        generate_cfg(learnable_shards, tmp_path / "out", tiny_checkpoint, split="val"),
+        progress=False,
+    )
+    rows = shards.read_index(tmp_path / "out")
+    assert len(rows) == len(discover_corpus(learnable_shards, split="val").images)
+    assert all(row["ssim"] > 0.5 and row["psnr"] > 15 for row in rows)  # a trained mapping
+    assert result.report["overall"]["ssim"] > 0.5
+
+
+def test_checkpoint_discovery(tmp_path, monkeypatch, tiny_checkpoint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tirsynth train"):
+        generate.resolve_checkpoint(None)
+    target = tmp_path / "runs" / "a" / "checkpoints" / "best.pt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(tiny_checkpoint.read_bytes())
+    assert generate.resolve_checkpoint(None) == Path("runs/a/checkpoints/best.pt")
+
+
+def test_killed_generate_resumes_without_duplicates_or_gaps(tmp_path, tiny_checkpoint):
+    source = tmp_path / "in"
+    for i in range(48):
+        write_image(source / f"d{i // 16}" / f"im{i:02d}.png", (160, 120), i)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "tirsynth.cli",
+        "generate",
+        "--input",
+        str(source),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if len(shards.read_index(out)) if (out / "index.parquet").exists() else 0:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.wait()
+    partial = len(shards.read_index(out))
+    assert 0 < partial < 48, "the kill should land mid-run"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = shards.read_index(out)
+    keys = [row["key"] for row in rows]
+    assert len(keys) == len(set(keys)) == 48
+    stored = [s["__key__"] for p in sorted(out.glob("tir-*.tar")) for s in shards.read_shard(p)]
+    assert sorted(stored) == sorted(keys)  # no orphan shard, no sample outside the index
+    assert not list(out.glob(".*.tmp"))

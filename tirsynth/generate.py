@@ -1,0 +1,633 @@
+"""RGB corpus in; TIR shards, index.parquet, rejects.parquet, COCO json and report.json out.
+
+A Ray Data pipeline, streaming so memory stays bounded: decode and fit each image to the
+model's square as CPU tasks, translate in an actor pool (one replica per GPU when there
+are GPUs), then map back to the input's size, encode and score as CPU tasks. The driver
+writes finished samples to shards, committing each shard and its index rows atomically,
+so a killed run resumes by skipping the keys already in the index.
+
+Size handling: an image is scaled to fit the model's S x S square (S: the checkpoint's
+training crop, 256 for the paper) keeping its aspect ratio, padded by reflection to the
+square, translated, cropped back to the scaled content and resized bicubically to the
+input's exact width and height.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from tirsynth import __version__, images, metrics, shards
+from tirsynth.checkpoint import (
+    checkpoint_config,
+    find_best_checkpoint,
+    load_checkpoint,
+    load_generator,
+)
+from tirsynth.config import GenerateConfig, to_dict
+from tirsynth.corpus import COCO_PREFIX, Corpus, InputImage, discover_corpus, output_relpath
+
+SHARD_PREFIX = "tir"
+LOCK = ".generate.lock"
+REPORT = "report.json"
+REJECT_COLUMNS = ("key", "path", "reason")
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    out: Path
+    checkpoint: Path
+    generated: int  # this run
+    total: int  # in `out` after this run
+    rejects: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
+    """Translate every image of `cfg.input` and write TIR shards to `cfg.out`.
+
+    Args:
+        cfg: the generate options.
+        progress: show a progress bar.
+
+    Returns:
+        What was written, the rejects and the report.
+    """
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    state = load_checkpoint(checkpoint)
+    train_cfg = checkpoint_config(state)
+    size = cfg.size or train_cfg.data.image_size
+    if size % 2**train_cfg.model.depth:
+        raise ValueError(f"size {size} must be a multiple of 2**depth = {2**train_cfg.model.depth}")
+    corpus = discover_corpus(cfg.input, cfg.input_kind, cfg.split)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(cfg, checkpoint, size)
+    started = time.time()
+    with shards.exclusive_lock(out, LOCK, "generate"):
+        extra = (REPORT, *(COCO_PREFIX + name for name in corpus.coco_files))
+        index = shards.prepare_output(
+            out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
+        )
+        previous_rejects = (
+            shards.read_rejects(out) if index or out.joinpath(shards.REJECTS).exists() else []
+        )
+        done = {r["key"] for r in index} | {r["key"] for r in previous_rejects}
+        rejects = previous_rejects + [r for r in corpus.rejects if r["key"] not in done]
+        pending = [image for image in corpus.images if image.key not in done]
+        manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
+        shards.write_json(out / shards.MANIFEST, manifest)
+        writer = ShardWriter(out, index, rejects, cfg.shard_size)
+        batches, pipeline_seconds = [], 0.0
+        if pending:
+            batches, pipeline_seconds = _run_pipeline(
+                cfg, corpus, pending, checkpoint, size, state, writer, progress
+            )
+        writer.close()
+        if corpus.coco_files:
+            write_coco(out, corpus, writer.index)
+        report = build_report(
+            cfg, checkpoint, corpus, writer, batches, time.time() - started, pipeline_seconds
+        )
+        shards.write_json(out / REPORT, report)
+        shards.write_json(out / shards.MANIFEST, {**manifest, "status": "complete"})
+    return GenerateResult(out, checkpoint, writer.added, len(writer.index), writer.rejects, report)
+
+
+def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
+    """`path`, or the newest best.pt under `runs/` (printed), or a clear error."""
+    if path:
+        return Path(path)
+    found = find_best_checkpoint(runs)
+    if found is None:
+        raise FileNotFoundError(
+            f"no checkpoint given and no best.pt under ./{runs}/; train one with "
+            "`tirsynth train --config configs/sparse.yaml --data DATA --out runs/NAME`, "
+            "or pass --checkpoint PATH"
+        )
+    print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")
+    return found
+
+
+class Translator:
+    """The generator as a Ray Data actor: loads the checkpoint once, translates batches.
+
+    `__call__` maps {"pixels": (B, S, S, 3) uint8, ...} to the same batch plus
+    "tir": (B, S, S) uint8. Rows whose "error" is set pass through untouched.
+    """
+
+    def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.generator, _ = load_generator(checkpoint, self.device)
+        self.generator.to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8))  # writable copy
+        rgb = pixels.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            fake = self.generator(rgb).float()  # (B, C, S, S) in [-1, 1]
+        gray = metrics.to_gray_uint8(fake).to(torch.uint8)  # (B, S, S)
+        return {**batch, "tir": gray.cpu().numpy()}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512
+    BF16 or AMX), else fp32. fp16 needs CUDA."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], size: int, root: str, max_pixels: int, keep_rgb: bool
+) -> dict[str, np.ndarray]:
+    """Read and decode each input, fit it to `size` x `size` (see the module docstring).
+
+    Returns:
+        key, pixels (B, S, S, 3) uint8, width, height, content_width, content_height,
+        error ('' when fine), rgb (source bytes when keep_rgb), real (the pair's TIR bytes).
+    """
+    keys = list(batch["key"])
+    sources = _read_sources(keys, list(batch["path"]), list(batch["shard"]), root)
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "key",
+            "pixels",
+            "width",
+            "height",
+            "content_width",
+            "content_height",
+            "error",
+            "rgb",
+            "real",
+        )
+    }
+    for key in keys:
+        rgb_bytes, real_bytes, error = sources[key]
+        pixels = np.zeros((size, size, 3), np.uint8)
+        width = height = content_w = content_h = 0
+        if not error:
+            try:
+                image = _decode_rgb(rgb_bytes, max_pixels)
+                width, height = image.size
+                pixels, (content_w, content_h) = fit_to_square(image, size)
+            except images.ImageRejected as err:
+                error = str(err)
+        row = (
+            key,
+            pixels,
+            width,
+            height,
+            content_w,
+            content_h,
+            error,
+            rgb_bytes if keep_rgb and not error else b"",
+            real_bytes or b"",
+        )
+        for name, value in zip(columns, row, strict=True):
+            columns[name].append(value)
+    out = {name: np.array(values, dtype=object) for name, values in columns.items()}
+    out["pixels"] = np.stack(columns["pixels"])
+    for name in ("width", "height", "content_width", "content_height"):
+        out[name] = np.array(columns[name], dtype=np.int64)
+    return out
+
+
+def fit_to_square(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Scale to fit `size` x `size` keeping the aspect ratio, then reflect-pad the rest.
+
+    Returns:
+        ((size, size, 3) uint8, (content width, content height)).
+    """
+    scale = size / max(image.size)
+    content = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    pixels = np.asarray(image.resize(content, Image.Resampling.BICUBIC))
+    pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))
+    return np.pad(pixels, pad, mode="reflect" if min(content) > 1 else "edge"), content
+
+
+def postprocess_batch(
+    batch: dict[str, np.ndarray],
+    intensity_hist: list[float],
+    lbp_hist: list[float],
+    min_structure: float,
+) -> dict[str, np.ndarray]:
+    """Map each output back to its input's size, encode it as PNG and score it.
+
+    Returns:
+        key, tir_png (bytes), rgb, metrics (JSON), error (including low structure).
+    """
+    real_stats = (torch.tensor(intensity_hist), torch.tensor(lbp_hist))
+    columns: dict[str, list] = {"key": [], "tir_png": [], "rgb": [], "metrics": [], "error": []}
+    for i, key in enumerate(batch["key"]):
+        error, png, scores = str(batch["error"][i]), b"", {}
+        if not error:
+            content = (int(batch["content_width"][i]), int(batch["content_height"][i]))
+            size = (int(batch["width"][i]), int(batch["height"][i]))
+            tir = map_back(batch["tir"][i], content, size)
+            scores = score_output(
+                batch["pixels"][i], batch["tir"][i], tir, content, batch["real"][i], real_stats
+            )
+            if scores["structure"] < min_structure:
+                error = (
+                    f"structure below --min-structure {min_structure}: {scores['structure']:.4f}"
+                )
+            else:
+                png = encode_png(tir)
+        for name, value in zip(
+            columns, (key, png, batch["rgb"][i], json.dumps(scores), error), strict=True
+        ):
+            columns[name].append(value)
+    return {name: np.array(values, dtype=object) for name, values in columns.items()}
+
+
+def map_back(tir: np.ndarray, content: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(S, S) output -> the scaled content -> (height, width) of the input, uint8."""
+    cropped = Image.fromarray(np.ascontiguousarray(tir[: content[1], : content[0]]))
+    if cropped.size != size:
+        cropped = cropped.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(cropped)
+
+
+def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> dict[str, float]:
+    """Per-image quality (SPEC "Quality metrics").
+
+    Always: structure (SSIM of the output's and the input's Sobel gradient maps, at the
+    model's scale) and the distance of the output's intensity and LBP histograms from the
+    checkpoint's real-TIR statistics. With a real TIR: SSIM, PSNR and LBP against it, at the
+    input's size.
+    """
+    width, height = content
+    rgb = torch.from_numpy(np.array(pixels[:height, :width])).permute(2, 0, 1)
+    fake = torch.from_numpy(np.array(tir_square[:height, :width])).double()
+    input_gray = metrics.to_gray_uint8(rgb[None].double() / 127.5 - 1)  # (1, h, w)
+    scores = {
+        "structure": structure_score(input_gray, fake[None]),
+        "intensity_distance": metrics.histogram_distance(
+            metrics.intensity_histogram(torch.from_numpy(np.array(tir))[None]), real_stats[0]
+        ).item(),
+        "lbp_distance": metrics.histogram_distance(
+            metrics.lbp_histogram(metrics.lbp(fake[None])), real_stats[1]
+        ).item(),
+    }
+    if real_bytes:
+        real = torch.from_numpy(shards.decode_tir(real_bytes).astype(np.float64))
+        if real.max() > 255:  # 16-bit TIR: compare on the 8-bit scale
+            real = (real / 257).round()
+        if tuple(real.shape) == tir.shape:
+            output = torch.from_numpy(np.array(tir)).double()[None]
+            scores["ssim"] = metrics.ssim(real[None], output).item()
+            scores["psnr"] = metrics.psnr(real[None], output).item()
+            scores["lbp_real"] = metrics.lbp(real[None]).double().mean().item()
+            scores["lbp_fake"] = metrics.lbp(output).double().mean().item()
+    return scores
+
+
+def structure_score(input_gray: torch.Tensor, output_gray: torch.Tensor) -> float:
+    """SSIM between Sobel-magnitude maps of two (1, H, W) 0..255 images: 1 = same edges.
+
+    Magnitudes are clipped at a quarter of the 0..255 range per pixel step, so strong edges
+    count as edges whatever their contrast or polarity (TIR often inverts RGB contrast).
+    """
+    from tirsynth.losses import gradient_map
+
+    maps = [gradient_map(g[:, None].double() / 255)[:, 0] for g in (input_gray, output_gray)]
+    scaled = [(m.clamp(max=0.25) / 0.25 * 255) for m in maps]
+    if min(scaled[0].shape[-2:]) < 11:  # SSIM's 11x11 window does not fit
+        return float(1 - (scaled[0] - scaled[1]).abs().mean().item() / 255)
+    return metrics.ssim(scaled[0], scaled[1]).item()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """Writes generated samples to `tir-NNNNNN.tar` shards on the driver.
+
+    A shard is renamed into place when full, then its rows are committed to index.parquet
+    and the rejects to rejects.parquet, each atomically: a kill loses at most the samples
+    of the open shard, which the next run regenerates.
+    """
+
+    def __init__(self, out: Path, index: list[dict], rejects: list[dict], shard_size: int):
+        self.out, self.index, self.rejects = out, list(index), list(rejects)
+        self.shard_size = shard_size
+        self.buffer: list[tuple[dict, dict]] = []  # (sample, index row)
+        self.number = shards.next_shard_number(out, SHARD_PREFIX)
+        self.added = 0
+        self._commit()  # persists rejects found before generation
+
+    def add(self, sample: dict[str, bytes], row: dict[str, Any]) -> None:
+        self.buffer.append((sample, row))
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def reject(self, row: dict[str, Any]) -> None:
+        self.rejects.append(row)
+
+    def flush(self) -> None:
+        if self.buffer:
+            name = f"{SHARD_PREFIX}-{self.number:06d}.tar"
+            shards.write_shard(self.out / name, (sample for sample, _ in self.buffer))
+            size = shards.file_size(self.out / name)
+            self.index += [{**row, "shard": name, "shard_bytes": size} for _, row in self.buffer]
+            self.added += len(self.buffer)
+            self.number += 1
+            self.buffer = []
+        self._commit()
+
+    def close(self) -> None:
+        self.flush()
+
+    def _commit(self) -> None:
+        if self.index:
+            shards.write_table(self.out / shards.INDEX, self.index)
+        if self.rejects:
+            shards.write_rejects(self.out, self.rejects, REJECT_COLUMNS)
+
+
+def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
+    """COCO input: each instances json again, its images pointing at the TIR outputs
+    (`export` paths, with the shard and key), annotations unchanged; images that were
+    rejected are left out with their annotations, so no label points at a missing image."""
+    by_key = {row["key"]: row for row in index}
+    key_of = {}  # (json name, image id) -> key
+    for image in corpus.images:
+        coco = json.loads(image.labels)["coco"]
+        key_of[coco["file"], coco["image"]["id"]] = image.key
+    written = []
+    for name, coco in corpus.coco_files.items():
+        kept_images = []
+        for entry in coco["images"]:
+            row = by_key.get(key_of.get((name, entry["id"]), ""))
+            if row is not None:
+                kept_images.append(
+                    {
+                        **entry,
+                        "file_name": output_relpath(row["relpath"]),
+                        "tirsynth_key": row["key"],
+                        "tirsynth_shard": row["shard"],
+                    }
+                )
+        kept_ids = {entry["id"] for entry in kept_images}
+        annotations = [a for a in coco.get("annotations", []) if a["image_id"] in kept_ids]
+        path = out / f"{COCO_PREFIX}{name}"
+        shards.write_json(path, {**coco, "images": kept_images, "annotations": annotations})
+        written.append(path)
+    return written
+
+
+def build_report(
+    cfg, checkpoint, corpus, writer, batches, seconds, pipeline_seconds
+) -> dict[str, Any]:
+    names = sorted({k for row in writer.index for k in _metric_names(row)})
+    overall = {n: _mean([row[n] for row in writer.index if row.get(n) is not None]) for n in names}
+    by_reason: dict[str, int] = {}
+    for row in writer.rejects:
+        kind = shards.reason_kind(row["reason"])
+        by_reason[kind] = by_reason.get(kind, 0) + 1
+    return {
+        "stage": "generate",
+        "tirsynth": __version__,
+        "checkpoint": str(checkpoint),
+        "input": str(cfg.input),
+        "input_kind": corpus.kind,
+        "options": to_dict(cfg),
+        "outputs": len(writer.index),
+        "generated_this_run": writer.added,
+        "seconds": seconds,
+        "pipeline_seconds": pipeline_seconds,  # without starting Ray and listing the input
+        "images_per_s": writer.added / pipeline_seconds if pipeline_seconds else 0.0,
+        "overall": overall,
+        "batches": batches,
+        "rejects": len(writer.rejects),
+        "rejects_by_reason": by_reason,
+    }
+
+
+def _run_pipeline(
+    cfg, corpus, pending, checkpoint, size, state, writer, progress
+) -> tuple[list[dict], float]:
+    import ray
+    import ray.data
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=cfg.address,
+            include_dashboard=False,
+            object_store_memory=None if cfg.address else 1 << 30,
+        )
+    try:
+        started = time.perf_counter()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ours counts images, not blocks
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        replicas = cfg.workers or max(gpus, 1)
+        rows = [{"key": i.key, "path": i.path, "shard": i.shard} for i in pending]
+        stats = state["tir_stats"]
+        dataset = (
+            ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // cfg.batch_size))
+            .map_batches(
+                preprocess_batch,
+                batch_size=cfg.batch_size,
+                fn_kwargs={
+                    "size": size,
+                    "root": str(corpus.root),
+                    "max_pixels": cfg.max_pixels,
+                    "keep_rgb": cfg.keep_rgb,
+                },
+            )
+            .map_batches(
+                Translator,
+                batch_size=cfg.batch_size,
+                fn_constructor_kwargs={
+                    "checkpoint": str(checkpoint.resolve()),
+                    "precision": cfg.precision,
+                },
+                compute=ray.data.ActorPoolStrategy(size=replicas),
+                num_gpus=1 if gpus else 0,  # Ray Data restarts a crashed actor, retries its task
+            )
+            .map_batches(
+                postprocess_batch,
+                batch_size=cfg.batch_size,
+                fn_kwargs={
+                    "intensity_hist": stats["intensity_hist"].tolist(),
+                    "lbp_hist": stats["lbp_hist"].tolist(),
+                    "min_structure": cfg.min_structure,
+                },
+            )
+        )
+        by_key = {image.key: image for image in pending}
+        batches = []
+        bar = tqdm(total=len(pending), disable=not progress, unit="img", desc="generate")
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            batches.append(_write_batch(batch, by_key, corpus, writer, len(batches)))
+            bar.update(len(batch["key"]))
+        bar.close()
+        return batches, time.perf_counter() - started
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _write_batch(batch, by_key, corpus, writer, number) -> dict[str, Any]:
+    scored = []
+    for i, key in enumerate(batch["key"]):
+        image: InputImage = by_key[key]
+        if batch["error"][i]:
+            writer.reject(
+                {"key": key, "path": image.path or image.shard, "reason": str(batch["error"][i])}
+            )
+            continue
+        scores = json.loads(batch["metrics"][i])
+        labels = json.loads(image.labels)
+        tir_png = batch["tir_png"][i]
+        width, height = Image.open(io.BytesIO(tir_png)).size
+        record = {
+            "key": key,
+            "source": image.path or f"{image.shard}:{key}",
+            "relpath": image.relpath,
+            "width": width,
+            "height": height,
+            "labels": labels,
+            "metrics": scores,
+        }
+        sample = {"__key__": key, "tir.png": tir_png, "json": json.dumps(record).encode()}
+        if batch["rgb"][i]:
+            sample[f"rgb.{_image_extension(batch['rgb'][i])}"] = batch["rgb"][i]
+        row = {
+            "key": key,
+            "relpath": image.relpath,
+            "source": record["source"],
+            "width": width,
+            "height": height,
+            "input_kind": corpus.kind,
+            **scores,
+        }
+        writer.add(sample, row)
+        scored.append(scores)
+    names = sorted({n for s in scored for n in s})
+    return {
+        "batch": number,
+        "images": len(scored),
+        "rejected": len(batch["key"]) - len(scored),
+        **{n: _mean([s[n] for s in scored if n in s]) for n in names},
+    }
+
+
+def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, bytes, str]]:
+    """key -> (RGB bytes, real TIR bytes or b'', error or '')."""
+    sources = {}
+    wanted_by_shard: dict[str, set[str]] = {}
+    for key, path, shard in zip(keys, paths, shard_names, strict=True):
+        if shard:
+            wanted_by_shard.setdefault(shard, set()).add(key)
+            continue
+        try:
+            sources[key] = (Path(path).read_bytes(), b"", "")
+        except OSError as err:
+            sources[key] = (b"", b"", f"unreadable file: {err.strerror or err}")
+    for shard, wanted in wanted_by_shard.items():
+        for sample in shards.read_shard(Path(root) / shard):
+            if sample["__key__"] in wanted:
+                rgb = next(v for k, v in sample.items() if k.startswith("rgb."))
+                tir = next(v for k, v in sample.items() if k.startswith("tir."))
+                sources[sample["__key__"]] = (rgb, tir, "")
+        for key in wanted - sources.keys():
+            sources[key] = (b"", b"", f"sample missing from pair shard {shard}")
+    return sources
+
+
+def _decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise images.ImageRejected("empty file (0 bytes)")
+    image = images.open_image(data, max_pixels)
+    images.load_pixels(image)
+    if images.exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)  # labels refer to the image as displayed
+    return images.normalise_mode(image, "rgb")
+
+
+def _image_extension(data: bytes) -> str:
+    image_format = Image.open(io.BytesIO(data)).format
+    return images.KEPT_FORMATS.get(image_format, (image_format or "bin").lower())
+
+
+def _fingerprint(cfg: GenerateConfig, checkpoint: Path, size: int) -> str:
+    import hashlib
+
+    stat = checkpoint.stat()
+    options = {
+        "input": str(Path(cfg.input).resolve()),
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_mtime": stat.st_mtime_ns,
+        "size": size,
+        "kind": cfg.input_kind,
+        "split": cfg.split,
+        "min_structure": cfg.min_structure,
+        "keep_rgb": cfg.keep_rgb,
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest(cfg, checkpoint, size, fingerprint, corpus, status) -> dict[str, Any]:
+    return {
+        "tool": "tirsynth",
+        "version": __version__,
+        "stage": "generate",
+        "status": status,
+        "fingerprint": fingerprint,
+        "input": str(Path(cfg.input).resolve()),
+        "input_kind": corpus.kind,
+        "checkpoint": str(checkpoint.resolve()),
+        "size": size,
+        "options": to_dict(replace(cfg, checkpoint=str(checkpoint))),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _metric_names(row: dict) -> list[str]:
+    known = (
+        "structure",
+        "intensity_distance",
+        "lbp_distance",
+        "ssim",
+        "psnr",
+        "lbp_real",
+        "lbp_fake",
+    )
+    return [n for n in known if n in row]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
