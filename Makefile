@@ -27,6 +27,8 @@ test: $(BIN)/tirsynth
 bench: $(BIN)/tirsynth
 	$(BIN)/tirsynth bench ingest ../shared/data/roadscene ../shared/data/llvip \
 		--meta ../shared/data/roadscene-daynight.csv --repeat 10
+	$(BIN)/tirsynth bench train
+	$(BIN)/tirsynth bench generate
 
 lint: $(BIN)/tirsynth
 	$(BIN)/ruff check tirsynth tests && $(BIN)/ruff format --check tirsynth tests

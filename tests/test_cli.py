@@ -10,7 +10,22 @@ from tirsynth.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("command", [[], ["ingest"], ["info"], ["bench"], ["bench", "ingest"]])
+COMMANDS = [
+    [],
+    ["ingest"],
+    ["info"],
+    ["model"],
+    ["train"],
+    ["generate"],
+    ["export"],
+    ["bench"],
+    ["bench", "ingest"],
+    ["bench", "train"],
+    ["bench", "generate"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -123,3 +138,47 @@ def test_bench_train_prints_sparse_and_dense_side_by_side():
     row = next(line for line in result.output.splitlines() if line.startswith("bf16 "))
     sparse, dense, ratio = map(float, row.split()[1:])
     assert sparse > 0 and dense > 0 and abs(ratio - sparse / dense) < 0.01
+
+
+def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_session):
+    source = SAMPLE / "roadscene" / "crop_LR_visible"
+    out, folder = tmp_path / "out", tmp_path / "folder"
+    args = [
+        "generate",
+        "--input",
+        str(source),
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--batch-size",
+        "4",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "generated 8 images" in result.output and "structure" in result.output
+    again = CliRunner().invoke(main, args)
+    assert "generated 0 images (8 in" in again.output
+    other = CliRunner().invoke(main, [*args[:-2], "--size", "64"])
+    assert other.exit_code == 1 and "--overwrite" in other.output
+    exported = CliRunner().invoke(main, ["export", str(out), "--to", str(folder)])
+    assert exported.exit_code == 0 and sorted(p.stem for p in folder.iterdir()) == sorted(
+        p.stem for p in source.iterdir()
+    )
+    bench = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "generate",
+            "--input",
+            str(source),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--limit",
+            "4",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert bench.exit_code == 0, bench.output
+    assert "ratio to bare forward" in bench.output and "peak memory" in bench.output

@@ -221,6 +221,22 @@ def test_pair_shards_input_is_scored_against_the_real_tir(
     assert result.report["overall"]["ssim"] > 0.5
 
 
+def test_list_input_and_bf16_agreement(tmp_path, tiny_checkpoint, ray_session):
+    """A text list of paths is an input; bf16 outputs match fp32 (SSIM >= 0.99) on real
+    RGB images, which is what makes bf16 the CPU default."""
+    from conftest import SAMPLE
+
+    from tirsynth.bench import precision_agreement
+
+    real = sorted((SAMPLE / "roadscene" / "crop_LR_visible").iterdir())
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two real images and a missing one\n{real[0]}\n{real[1]}\nnope.jpg\n")
+    result = generate.run(generate_cfg(listing, tmp_path / "out", tiny_checkpoint), progress=False)
+    assert result.generated == 2 and result.rejects[0]["reason"] == "file listed but missing"
+    low, mean = precision_agreement(tiny_checkpoint, real[0].parent, "bf16", 32)
+    assert low >= 0.99
+
+
 def test_checkpoint_discovery(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="tirsynth train"):

@@ -187,3 +187,177 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bench_generate(
+    source: str, checkpoint: str | None, batch_size: int, precision: str, limit: int = 0
+) -> Iterator[str]:
+    """End-to-end generation images/s against the bare generator forward pass.
+
+    Both at the same batch size, resolution and precision, in this run. Without a
+    checkpoint, a randomly initialised configs/sparse.yaml generator stands in (speed does
+    not depend on the weights). Peak memory is the largest proportional set size (PSS) of
+    this process and all its descendants (Ray's workers included) sampled during the run.
+    """
+    import torch
+
+    from tirsynth import generate
+    from tirsynth.checkpoint import load_checkpoint
+    from tirsynth.config import GenerateConfig
+
+    with tempfile.TemporaryDirectory(prefix="tirsynth-bench-") as scratch:
+        scratch = Path(scratch)
+        checkpoint = Path(checkpoint) if checkpoint else _random_checkpoint(scratch)
+        source_dir = _image_subset(Path(source), limit, scratch / "input")
+        count = sum(1 for _ in source_dir.rglob("*") if _.is_file())
+        size = load_checkpoint(checkpoint)["config"]["data"]["image_size"]
+        translator = generate.Translator(str(checkpoint), precision)
+        yield (
+            f"checkpoint {checkpoint.name}, {count} images, model side {size}, batch "
+            f"{batch_size}, precision {translator.precision}, {torch.get_num_threads()} threads"
+        )
+        bare = _bare_images_per_s(translator, batch_size, size)
+        yield f"bare generator forward: {bare:.2f} images/s"
+        cfg = GenerateConfig(
+            input=str(source_dir),
+            out=str(scratch / "out"),
+            checkpoint=str(checkpoint),
+            batch_size=batch_size,
+            precision=precision,
+        )
+        with _PeakMemory() as memory:
+            result = generate.run(cfg, progress=False)
+        rate, steady = result.report["images_per_s"], result.report["steady_images_per_s"]
+        yield (
+            f"end-to-end generate: {rate:.2f} images/s over {result.generated} images "
+            f"({result.report['pipeline_seconds']:.1f} s after Ray started); "
+            f"ratio to bare forward {rate / bare:.2f}"
+        )
+        if steady:
+            yield (
+                f"steady state (first output batch to last): {steady:.2f} images/s; "
+                f"ratio to bare forward {steady / bare:.2f}"
+            )
+        yield f"peak memory (PSS, driver + Ray workers): {memory.peak / 2**30:.2f} GiB"
+        if translator.precision != "fp32":
+            low, mean = precision_agreement(checkpoint, source_dir, translator.precision, size)
+            yield (
+                f"{translator.precision} vs fp32 outputs on these images: SSIM mean {mean:.4f}, "
+                f"min {low:.4f}"
+            )
+
+
+def precision_agreement(
+    checkpoint: Path, source: Path, precision: str, size: int, limit: int = 32
+) -> tuple[float, float]:
+    """(min, mean) SSIM between outputs at `precision` and at fp32 on up to `limit` images."""
+    import numpy as np
+    import torch
+
+    from tirsynth import generate, metrics
+
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in layouts.IMAGE_SUFFIXES)
+    files = files[:limit]
+    batch = generate.preprocess_batch(
+        {
+            "key": np.array([p.name for p in files], dtype=object),
+            "path": np.array([str(p) for p in files], dtype=object),
+            "shard": np.array([""] * len(files), dtype=object),
+        },
+        size,
+        str(source),
+        10**9,
+        False,
+    )
+    outputs = {}
+    for name in ("fp32", precision):
+        translated = generate.Translator(str(checkpoint), name)(batch)["tir"]
+        outputs[name] = torch.from_numpy(np.array(translated)).double()
+    scores = metrics.ssim(outputs["fp32"], outputs[precision])
+    return scores.min().item(), scores.mean().item()
+
+
+def _bare_images_per_s(translator, batch_size: int, size: int, seconds: float = 5.0) -> float:
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
+    batch = {"pixels": pixels}
+    translator(batch)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        translator(batch)
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def _random_checkpoint(folder: Path) -> Path:
+    import torch
+
+    from tirsynth.checkpoint import save_checkpoint
+    from tirsynth.config import TrainConfig, load_config, to_dict
+    from tirsynth.models import build_generator
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sparse.yaml", TrainConfig)
+    flat = torch.full((256,), 1 / 256, dtype=torch.float64)
+    state = {
+        "config": to_dict(cfg),
+        "generator": build_generator(cfg.model).state_dict(),
+        "tir_stats": {"intensity_hist": flat, "lbp_hist": flat, "images": 0},
+    }
+    return save_checkpoint(folder / "random-sparse.pt", state)
+
+
+def _image_subset(source: Path, limit: int, folder: Path) -> Path:
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in layouts.IMAGE_SUFFIXES)
+    if not limit or limit >= len(files):
+        return source
+    folder.mkdir(parents=True)
+    for path in files[:limit]:
+        os.symlink(path.resolve(), folder / path.name)
+    return folder
+
+
+class _PeakMemory:
+    """Samples the PSS of this process tree every 0.2 s in a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _tree_pss(os.getpid()))
+
+
+def _tree_pss(root: int) -> int:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total

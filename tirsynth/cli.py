@@ -336,6 +336,41 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
         click.echo(line)
 
 
+@bench.command("generate")
+@click.option(
+    "--input",
+    "source",
+    default="../shared/data/roadscene/crop_LR_visible",
+    show_default=True,
+    type=click.Path(exists=True, file_okay=False),
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="[default: a random configs/sparse.yaml generator]",
+)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+)
+@click.option(
+    "--limit",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Use only the first N images (0: all).",
+)
+def bench_generate(source, checkpoint, batch_size, precision, limit) -> None:
+    """Generation images/s end to end against the bare generator forward pass."""
+    from tirsynth import bench as bench_module
+
+    for line in bench_module.bench_generate(source, checkpoint, batch_size, precision, limit):
+        click.echo(line)
+
+
 def _load(path, cls, overrides):
     try:
         return load_config(path, cls, overrides)

@@ -122,10 +122,21 @@ class Translator:
     """The generator as a Ray Data actor: loads the checkpoint once, translates batches.
 
     `__call__` maps {"pixels": (B, S, S, 3) uint8, ...} to the same batch plus
-    "tir": (B, S, S) uint8. Rows whose "error" is set pass through untouched.
+    "tir": (B, S, S) uint8. Rows that failed to decode hold blank pixels; postprocessing
+    turns them into rejects.
+
+    Args:
+        checkpoint: a training checkpoint.
+        precision: auto | fp32 | bf16 | fp16 (see `resolve_precision`).
+        device: default CUDA when present, else the CPU.
+        threads: CPU threads for the model (0: leave torch's setting).
     """
 
-    def __init__(self, checkpoint: str, precision: str = "auto", device: str | None = None):
+    def __init__(
+        self, checkpoint: str, precision: str = "auto", device: str | None = None, threads: int = 0
+    ):
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.generator, _ = load_generator(checkpoint, self.device)
         self.generator.to(memory_format=torch.channels_last)
@@ -419,6 +430,7 @@ def build_report(
         "seconds": seconds,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray and listing the input
         "images_per_s": writer.added / pipeline_seconds if pipeline_seconds else 0.0,
+        "steady_images_per_s": _steady_rate(batches),
         "overall": overall,
         "batches": batches,
         "rejects": len(writer.rejects),
@@ -445,6 +457,10 @@ def _run_pipeline(
         context.enable_progress_bars = False  # ours counts images, not blocks
         gpus = int(ray.cluster_resources().get("GPU", 0))
         replicas = cfg.workers or max(gpus, 1)
+        # Ray gives each actor one thread per CPU it reserves. On the CPU the model is the
+        # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU
+        # (leaving the rest to decoding and scoring) but runs on its share of all of them.
+        threads = 0 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
         rows = [{"key": i.key, "path": i.path, "shard": i.shard} for i in pending]
         stats = state["tir_stats"]
         dataset = (
@@ -465,6 +481,7 @@ def _run_pipeline(
                 fn_constructor_kwargs={
                     "checkpoint": str(checkpoint.resolve()),
                     "precision": cfg.precision,
+                    "threads": threads,
                 },
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 num_gpus=1 if gpus else 0,  # Ray Data restarts a crashed actor, retries its task
@@ -484,6 +501,7 @@ def _run_pipeline(
         bar = tqdm(total=len(pending), disable=not progress, unit="img", desc="generate")
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             batches.append(_write_batch(batch, by_key, corpus, writer, len(batches)))
+            batches[-1]["seconds"] = time.perf_counter() - started  # when it was written
             bar.update(len(batch["key"]))
         bar.close()
         return batches, time.perf_counter() - started
@@ -619,6 +637,15 @@ def _metric_names(row: dict) -> list[str]:
         "lbp_fake",
     )
     return [n for n in known if n in row]
+
+
+def _steady_rate(batches: list[dict]) -> float | None:
+    """Images/s from the first written batch to the last: throughput once every stage
+    has started (workers spawned, the model loaded)."""
+    if len(batches) < 2:
+        return None
+    images = sum(b["images"] + b["rejected"] for b in batches[1:])
+    return images / (batches[-1]["seconds"] - batches[0]["seconds"])
 
 
 def _mean(values: list[float]) -> float | None:
