@@ -12,7 +12,7 @@ import torch
 from conftest import smooth_rgb
 from PIL import Image
 
-from tirsynth import export, generate, shards
+from tirsynth import export, generate, inference, shards
 from tirsynth.config import GenerateConfig
 from tirsynth.corpus import discover_corpus
 from tirsynth.losses import gradient_map
@@ -79,7 +79,7 @@ def generate_cfg(source, out, checkpoint, **options) -> GenerateConfig:
 
 
 def test_translator_on_a_numpy_batch_without_ray(tiny_checkpoint):
-    translator = generate.Translator(str(tiny_checkpoint), precision="fp32")
+    translator = inference.Translator(str(tiny_checkpoint), precision="fp32")
     batch = {
         "key": np.array(["a", "b"], dtype=object),
         "pixels": np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8),
@@ -92,9 +92,9 @@ def test_translator_on_a_numpy_batch_without_ray(tiny_checkpoint):
 @pytest.mark.parametrize("size", [(64, 48), (45, 77), (7, 300), (1, 1)])
 def test_fit_and_map_back_keep_the_exact_input_size(size):
     image = Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8))
-    square, content = generate.fit_to_square(image, 32)
+    square, content = inference.fit_to_square(image, 32)
     assert square.shape == (32, 32, 3) and max(content) == 32
-    assert generate.map_back(square[..., 0], content, size).shape == (size[1], size[0])
+    assert inference.map_back(square[..., 0], content, size).shape == (size[1], size[0])
 
 
 def test_coco_labels_arrive_unchanged_and_point_to_outputs(tmp_path, tiny_checkpoint, ray_session):
@@ -240,11 +240,11 @@ def test_list_input_and_bf16_agreement(tmp_path, tiny_checkpoint, ray_session):
 def test_checkpoint_discovery(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="tirsynth train"):
-        generate.resolve_checkpoint(None)
+        inference.resolve_checkpoint(None)
     target = tmp_path / "runs" / "a" / "checkpoints" / "best.pt"
     target.parent.mkdir(parents=True)
     target.write_bytes(tiny_checkpoint.read_bytes())
-    assert generate.resolve_checkpoint(None) == Path("runs/a/checkpoints/best.pt")
+    assert inference.resolve_checkpoint(None) == Path("runs/a/checkpoints/best.pt")
 
 
 def test_killed_generate_resumes_without_duplicates_or_gaps(tmp_path, tiny_checkpoint):

@@ -201,7 +201,7 @@ def bench_generate(
     """
     import torch
 
-    from tirsynth import generate
+    from tirsynth import generate, inference
     from tirsynth.checkpoint import load_checkpoint
     from tirsynth.config import GenerateConfig
 
@@ -211,7 +211,7 @@ def bench_generate(
         source_dir = _image_subset(Path(source), limit, scratch / "input")
         count = sum(1 for _ in source_dir.rglob("*") if _.is_file())
         size = load_checkpoint(checkpoint)["config"]["data"]["image_size"]
-        translator = generate.Translator(str(checkpoint), precision)
+        translator = inference.Translator(str(checkpoint), precision)
         yield (
             f"checkpoint {checkpoint.name}, {count} images, model side {size}, batch "
             f"{batch_size}, precision {translator.precision}, {torch.get_num_threads()} threads"
@@ -254,7 +254,7 @@ def precision_agreement(
     import numpy as np
     import torch
 
-    from tirsynth import generate, metrics
+    from tirsynth import generate, inference, metrics
 
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in layouts.IMAGE_SUFFIXES)
     files = files[:limit]
@@ -271,7 +271,7 @@ def precision_agreement(
     )
     outputs = {}
     for name in ("fp32", precision):
-        translated = generate.Translator(str(checkpoint), name)(batch)["tir"]
+        translated = inference.Translator(str(checkpoint), name)(batch)["tir"]
         outputs[name] = torch.from_numpy(np.array(translated)).double()
     scores = metrics.ssim(outputs["fp32"], outputs[precision])
     return scores.min().item(), scores.mean().item()

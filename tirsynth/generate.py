@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, images, metrics, shards
+from tirsynth import __version__, images, inference, metrics, shards
 from tirsynth.checkpoint import (
     checkpoint_config,
-    find_best_checkpoint,
     load_checkpoint,
-    load_generator,
 )
 from tirsynth.config import GenerateConfig, to_dict
 from tirsynth.corpus import COCO_PREFIX, Corpus, InputImage, discover_corpus, output_relpath
@@ -62,7 +60,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     Returns:
         What was written, the rejects and the report.
     """
-    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    checkpoint = inference.resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
     train_cfg = checkpoint_config(state)
     size = cfg.size or train_cfg.data.image_size
@@ -103,69 +101,6 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     return GenerateResult(out, checkpoint, writer.added, len(writer.index), writer.rejects, report)
 
 
-def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
-    """`path`, or the newest best.pt under `runs/` (printed), or a clear error."""
-    if path:
-        return Path(path)
-    found = find_best_checkpoint(runs)
-    if found is None:
-        raise FileNotFoundError(
-            f"no checkpoint given and no best.pt under ./{runs}/; train one with "
-            "`tirsynth train --config configs/sparse.yaml --data DATA --out runs/NAME`, "
-            "or pass --checkpoint PATH"
-        )
-    print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")
-    return found
-
-
-class Translator:
-    """The generator as a Ray Data actor: loads the checkpoint once, translates batches.
-
-    `__call__` maps {"pixels": (B, S, S, 3) uint8, ...} to the same batch plus
-    "tir": (B, S, S) uint8. Rows that failed to decode hold blank pixels; postprocessing
-    turns them into rejects.
-
-    Args:
-        checkpoint: a training checkpoint.
-        precision: auto | fp32 | bf16 | fp16 (see `resolve_precision`).
-        device: default CUDA when present, else the CPU.
-        threads: CPU threads for the model (0: leave torch's setting).
-    """
-
-    def __init__(
-        self, checkpoint: str, precision: str = "auto", device: str | None = None, threads: int = 0
-    ):
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.generator, _ = load_generator(checkpoint, self.device)
-        self.generator.to(memory_format=torch.channels_last)
-        self.precision = resolve_precision(precision, self.device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8))  # writable copy
-        rgb = pixels.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
-        rgb = rgb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            fake = self.generator(rgb).float()  # (B, C, S, S) in [-1, 1]
-        gray = metrics.to_gray_uint8(fake).to(torch.uint8)  # (B, S, S)
-        return {**batch, "tir": gray.cpu().numpy()}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512
-    BF16 or AMX), else fp32. fp16 needs CUDA."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
-
-
 def preprocess_batch(
     batch: dict[str, np.ndarray], size: int, root: str, max_pixels: int, keep_rgb: bool
 ) -> dict[str, np.ndarray]:
@@ -197,9 +132,9 @@ def preprocess_batch(
         width = height = content_w = content_h = 0
         if not error:
             try:
-                image = _decode_rgb(rgb_bytes, max_pixels)
+                image = inference.decode_rgb(rgb_bytes, max_pixels)
                 width, height = image.size
-                pixels, (content_w, content_h) = fit_to_square(image, size)
+                pixels, (content_w, content_h) = inference.fit_to_square(image, size)
             except images.ImageRejected as err:
                 error = str(err)
         row = (
@@ -222,19 +157,6 @@ def preprocess_batch(
     return out
 
 
-def fit_to_square(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Scale to fit `size` x `size` keeping the aspect ratio, then reflect-pad the rest.
-
-    Returns:
-        ((size, size, 3) uint8, (content width, content height)).
-    """
-    scale = size / max(image.size)
-    content = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    pixels = np.asarray(image.resize(content, Image.Resampling.BICUBIC))
-    pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))
-    return np.pad(pixels, pad, mode="reflect" if min(content) > 1 else "edge"), content
-
-
 def postprocess_batch(
     batch: dict[str, np.ndarray],
     intensity_hist: list[float],
@@ -253,7 +175,7 @@ def postprocess_batch(
         if not error:
             content = (int(batch["content_width"][i]), int(batch["content_height"][i]))
             size = (int(batch["width"][i]), int(batch["height"][i]))
-            tir = map_back(batch["tir"][i], content, size)
+            tir = inference.map_back(batch["tir"][i], content, size)
             scores = score_output(
                 batch["pixels"][i], batch["tir"][i], tir, content, batch["real"][i], real_stats
             )
@@ -262,20 +184,12 @@ def postprocess_batch(
                     f"structure below --min-structure {min_structure}: {scores['structure']:.4f}"
                 )
             else:
-                png = encode_png(tir)
+                png = inference.encode_png(tir)
         for name, value in zip(
             columns, (key, png, batch["rgb"][i], json.dumps(scores), error), strict=True
         ):
             columns[name].append(value)
     return {name: np.array(values, dtype=object) for name, values in columns.items()}
-
-
-def map_back(tir: np.ndarray, content: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """(S, S) output -> the scaled content -> (height, width) of the input, uint8."""
-    cropped = Image.fromarray(np.ascontiguousarray(tir[: content[1], : content[0]]))
-    if cropped.size != size:
-        cropped = cropped.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(cropped)
 
 
 def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> dict[str, float]:
@@ -291,7 +205,7 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
     fake = torch.from_numpy(np.array(tir_square[:height, :width])).double()
     input_gray = metrics.to_gray_uint8(rgb[None].double() / 127.5 - 1)  # (1, h, w)
     scores = {
-        "structure": structure_score(input_gray, fake[None]),
+        "structure": inference.structure_score(input_gray, fake[None]),
         "intensity_distance": metrics.histogram_distance(
             metrics.intensity_histogram(torch.from_numpy(np.array(tir))[None]), real_stats[0]
         ).item(),
@@ -310,27 +224,6 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
             scores["lbp_real"] = metrics.lbp(real[None]).double().mean().item()
             scores["lbp_fake"] = metrics.lbp(output).double().mean().item()
     return scores
-
-
-def structure_score(input_gray: torch.Tensor, output_gray: torch.Tensor) -> float:
-    """SSIM between Sobel-magnitude maps of two (1, H, W) 0..255 images: 1 = same edges.
-
-    Magnitudes are clipped at a quarter of the 0..255 range per pixel step, so strong edges
-    count as edges whatever their contrast or polarity (TIR often inverts RGB contrast).
-    """
-    from tirsynth.losses import gradient_map
-
-    maps = [gradient_map(g[:, None].double() / 255)[:, 0] for g in (input_gray, output_gray)]
-    scaled = [(m.clamp(max=0.25) / 0.25 * 255) for m in maps]
-    if min(scaled[0].shape[-2:]) < 11:  # SSIM's 11x11 window does not fit
-        return float(1 - (scaled[0] - scaled[1]).abs().mean().item() / 255)
-    return metrics.ssim(scaled[0], scaled[1]).item()
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
 
 
 class ShardWriter:
@@ -476,7 +369,7 @@ def _run_pipeline(
                 },
             )
             .map_batches(
-                Translator,
+                inference.Translator,
                 batch_size=cfg.batch_size,
                 fn_constructor_kwargs={
                     "checkpoint": str(checkpoint.resolve()),
@@ -578,16 +471,6 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
     return sources
 
 
-def _decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise images.ImageRejected("empty file (0 bytes)")
-    image = images.open_image(data, max_pixels)
-    images.load_pixels(image)
-    if images.exif_orientation(image) != 1:
-        image = ImageOps.exif_transpose(image)  # labels refer to the image as displayed
-    return images.normalise_mode(image, "rgb")
-
-
 def _image_extension(data: bytes) -> str:
     image_format = Image.open(io.BytesIO(data)).format
     return images.KEPT_FORMATS.get(image_format, (image_format or "bin").lower())
@@ -650,11 +533,3 @@ def _steady_rate(batches: list[dict]) -> float | None:
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,0 +1,140 @@
+"""The trained generator applied to whole images of any size, shared by generate and evaluate.
+
+An image is scaled to fit the model's S x S square keeping its aspect ratio, padded by
+reflection, translated, cropped back to the scaled content and resized to its exact size.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from tirsynth import images, metrics
+from tirsynth.checkpoint import find_best_checkpoint, load_generator
+
+
+def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
+    """`path`, or the newest best.pt under `runs/` (printed), or a clear error."""
+    if path:
+        return Path(path)
+    found = find_best_checkpoint(runs)
+    if found is None:
+        raise FileNotFoundError(
+            f"no checkpoint given and no best.pt under ./{runs}/; train one with "
+            "`tirsynth train --config configs/sparse.yaml --data DATA --out runs/NAME`, "
+            "or pass --checkpoint PATH"
+        )
+    print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")
+    return found
+
+
+class Translator:
+    """The generator as a Ray Data actor: loads the checkpoint once, translates batches.
+
+    `__call__` maps {"pixels": (B, S, S, 3) uint8, ...} to the same batch plus
+    "tir": (B, S, S) uint8. Rows that failed to decode hold blank pixels; postprocessing
+    turns them into rejects.
+
+    Args:
+        checkpoint: a training checkpoint.
+        precision: auto | fp32 | bf16 | fp16 (see `resolve_precision`).
+        device: default CUDA when present, else the CPU.
+        threads: CPU threads for the model (0: leave torch's setting).
+    """
+
+    def __init__(
+        self, checkpoint: str, precision: str = "auto", device: str | None = None, threads: int = 0
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.generator, _ = load_generator(checkpoint, self.device)
+        self.generator.to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8))  # writable copy
+        rgb = pixels.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            fake = self.generator(rgb).float()  # (B, C, S, S) in [-1, 1]
+        gray = metrics.to_gray_uint8(fake).to(torch.uint8)  # (B, S, S)
+        return {**batch, "tir": gray.cpu().numpy()}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512
+    BF16 or AMX), else fp32. fp16 needs CUDA."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def fit_to_square(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Scale to fit `size` x `size` keeping the aspect ratio, then reflect-pad the rest.
+
+    Returns:
+        ((size, size, 3) uint8, (content width, content height)).
+    """
+    scale = size / max(image.size)
+    content = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    pixels = np.asarray(image.resize(content, Image.Resampling.BICUBIC))
+    pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))
+    return np.pad(pixels, pad, mode="reflect" if min(content) > 1 else "edge"), content
+
+
+def map_back(tir: np.ndarray, content: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(S, S) output -> the scaled content -> (height, width) of the input, uint8."""
+    cropped = Image.fromarray(np.ascontiguousarray(tir[: content[1], : content[0]]))
+    if cropped.size != size:
+        cropped = cropped.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(cropped)
+
+
+def structure_score(input_gray: torch.Tensor, output_gray: torch.Tensor) -> float:
+    """SSIM between Sobel-magnitude maps of two (1, H, W) 0..255 images: 1 = same edges.
+
+    Magnitudes are clipped at a quarter of the 0..255 range per pixel step, so strong edges
+    count as edges whatever their contrast or polarity (TIR often inverts RGB contrast).
+    """
+    from tirsynth.losses import gradient_map
+
+    maps = [gradient_map(g[:, None].double() / 255)[:, 0] for g in (input_gray, output_gray)]
+    scaled = [(m.clamp(max=0.25) / 0.25 * 255) for m in maps]
+    if min(scaled[0].shape[-2:]) < 11:  # SSIM's 11x11 window does not fit
+        return float(1 - (scaled[0] - scaled[1]).abs().mean().item() / 255)
+    return metrics.ssim(scaled[0], scaled[1]).item()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise images.ImageRejected("empty file (0 bytes)")
+    image = images.open_image(data, max_pixels)
+    images.load_pixels(image)
+    if images.exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)  # labels refer to the image as displayed
+    return images.normalise_mode(image, "rgb")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
