@@ -194,6 +194,29 @@ class GenerateConfig:
             raise ValueError(f"min_structure must be in [0, 1], got {self.min_structure}")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of `tirsynth evaluate` (see `tirsynth evaluate --help`)."""
+
+    data: str = ""  # pair shards from `tirsynth ingest`
+    out: str = "evaluation"
+    checkpoint: str | None = None  # None: the newest best.pt under ./runs
+    compare: tuple[str, ...] = ()  # more checkpoints, side by side
+    names: tuple[str, ...] = ()  # display names of checkpoint + compare (default: run folder)
+    split: str = "test"
+    baselines: bool = True  # also score RGB luma as TIR, and its inverse
+    precision: GeneratePrecision = "auto"
+    size: int | None = None  # model-side square; None: each checkpoint's data.image_size
+    batch_size: int = 8
+    grid_rows: int = 4  # rows in each sample grid (random, worst, best)
+    paper: bool = False  # put the paper's reported numbers beside ours
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if self.names and len(self.names) != 1 + len(self.compare):
+            raise ValueError("names: one per checkpoint (--checkpoint, then each --compare)")
+
+
 def load_config(path: str | Path | None, cls: type[T], overrides: list[str] = ()) -> T:
     """Build `cls` from a YAML file (or defaults when `path` is None) plus `key=value` overrides.
 

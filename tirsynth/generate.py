@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from tirsynth.checkpoint import (
 )
 from tirsynth.config import GenerateConfig, to_dict
 from tirsynth.corpus import COCO_PREFIX, Corpus, InputImage, discover_corpus, output_relpath
+from tirsynth.report import write_report
 
 SHARD_PREFIX = "tir"
 LOCK = ".generate.lock"
@@ -97,6 +100,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
             cfg, checkpoint, corpus, writer, batches, time.time() - started, pipeline_seconds
         )
         shards.write_json(out / REPORT, report)
+        write_report(out)
         shards.write_json(out / shards.MANIFEST, {**manifest, "status": "complete"})
     return GenerateResult(out, checkpoint, writer.added, len(writer.index), writer.rejects, report)
 
@@ -313,6 +317,7 @@ def build_report(
         by_reason[kind] = by_reason.get(kind, 0) + 1
     return {
         "stage": "generate",
+        "command": shlex.join(sys.argv),
         "tirsynth": __version__,
         "checkpoint": str(checkpoint),
         "input": str(cfg.input),
@@ -498,6 +503,7 @@ def _manifest(cfg, checkpoint, size, fingerprint, corpus, status) -> dict[str, A
         "tool": "tirsynth",
         "version": __version__,
         "stage": "generate",
+        "command": shlex.join(sys.argv),
         "status": status,
         "fingerprint": fingerprint,
         "input": str(Path(cfg.input).resolve()),

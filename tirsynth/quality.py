@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -118,3 +120,30 @@ def _means(per_image: dict[str, list[float]], indices) -> dict[str, float]:
     return {
         name: sum(values[i] for i in indices) / len(indices) for name, values in per_image.items()
     }
+
+
+def write_image_grid(rows: list[list[np.ndarray]], path: Path, height: int = 160) -> Path:
+    """A PNG with one row per sample and one column per image (uint8, gray or RGB).
+
+    Each image is scaled to `height` keeping its aspect ratio; shorter rows are padded white.
+    """
+    scaled_rows = []
+    for row in rows:
+        cells = []
+        for pixels in row:
+            image = Image.fromarray(pixels).convert("RGB")
+            width = max(1, round(image.width * height / image.height))
+            cells.append(image.resize((width, height), Image.Resampling.BICUBIC))
+        scaled_rows.append(cells)
+    gap = 4
+    width = max(sum(c.width for c in cells) + gap * (len(cells) - 1) for cells in scaled_rows)
+    grid = Image.new("RGB", (width, len(rows) * (height + gap) - gap), "white")
+    for r, cells in enumerate(scaled_rows):
+        x = 0
+        for cell in cells:
+            grid.paste(cell, (x, r * (height + gap)))
+            x += cell.width + gap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, durable=False) as handle:
+        grid.save(handle, format="PNG")
+    return path

@@ -15,6 +15,8 @@ import hashlib
 import inspect
 import json
 import math
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tirsynth import __version__
 from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from tirsynth.config import LossConfig, TrainConfig, config_yaml, from_dict, to_dict
 from tirsynth.data import PairDataset
 from tirsynth.losses import discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
-from tirsynth.shards import atomic_output
+from tirsynth.report import write_report
+from tirsynth.shards import atomic_output, write_json
 
 CHECKPOINTS = "checkpoints"
 STATS = "stats.jsonl"
@@ -82,12 +86,33 @@ def run(
     """
     data, out = Path(data).resolve(), Path(out).resolve()
     prepare_run_dir(cfg, out, resume)
+    started = time.time()
     if workers > 1:
         _run_ray_train(cfg, data, out, resume, workers, address, progress)
     else:
         train_worker(cfg, data, out, resume=resume, progress=progress)
     state = load_checkpoint(out / CHECKPOINTS / LATEST)
     best = out / CHECKPOINTS / BEST
+    write_json(
+        out / "report.json",
+        {
+            "stage": "train",
+            "command": shlex.join(sys.argv),
+            "tirsynth": __version__,
+            "torch": str(torch.__version__),
+            "data": str(data),
+            "config": to_dict(cfg),
+            "workers": workers,
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "seconds": time.time() - started,
+            "checkpoint": str(out / CHECKPOINTS / LATEST),
+            "best_checkpoint": str(best) if best.exists() else None,
+            "best_ssim": state["best_ssim"],
+            "val": state["val"],
+        },
+    )
+    write_report(out)
     return TrainResult(
         out,
         state["step"],

@@ -1,0 +1,294 @@
+"""Checkpoints and pair shards in; per-image metrics, aggregates, sample grids and a report out.
+
+Each model translates every image of the split at the input's full size, exactly as
+`generate` does (fit to the model's square, translate, map back), and is scored against the
+real TIR with SSIM, PSNR and LBP. Two trivial baselines show what a model adds: the RGB
+luma taken as the TIR, and its inverse.
+"""
+
+from __future__ import annotations
+
+import random
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tirsynth import __version__, inference, metrics, shards
+from tirsynth.checkpoint import checkpoint_config, load_checkpoint
+from tirsynth.config import EvaluateConfig, to_dict
+from tirsynth.quality import write_image_grid
+from tirsynth.report import write_report
+
+PER_IMAGE = "evaluation.parquet"
+REPORT = "report.json"
+METRICS = ("ssim", "psnr", "lbp_real", "lbp_fake")
+BASELINES = ("rgb-luma", "inverted-luma")
+# The paper's results on KAIST (SSIM, PSNR dB): Table 2 (overall) and Table 4 (day/night).
+PAPER = {
+    "source": "Sparse GANs for Thermal Infrared Image Generation From Optical Image, "
+    "Tables 2 and 4 (KAIST)",
+    "table2": {
+        "skips {1,3}": (0.636, 28.77),
+        "skips {5,7}": (0.659, 28.88),
+        "sparse {1,3,5,7}": (0.664, 29.00),
+    },
+    "table4": {
+        "pix2pix (dense)": {"day": (0.7480, 29.2238), "night": (0.6918, 28.9935)},
+        "pix2pix + L1(I)": {"day": (0.7633, 29.5015), "night": (0.6981, 29.0131)},
+        "pix2pix + L1(GRA)": {"day": (0.7968, 29.5069), "night": (0.6991, 29.1939)},
+        "sparse (full model)": {"day": (0.8011, 29.5331), "night": (0.7012, 29.1821)},
+    },
+}
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out: Path
+    results: dict[str, Any]  # model name -> {"overall", "by_dataset", "by_daynight"}
+    report: dict[str, Any]
+
+
+def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
+    """Score each checkpoint (and the baselines) on `cfg.split` of `cfg.data`.
+
+    Args:
+        cfg: the evaluate options.
+        progress: show progress bars.
+
+    Returns:
+        The aggregates and the report (also written to `cfg.out`).
+    """
+    started = time.time()
+    data, out = Path(cfg.data), Path(cfg.out)
+    rows = [r for r in shards.read_index(data) if r["split"] == cfg.split]
+    if not rows:
+        raise ValueError(f"{data}: no samples in split {cfg.split!r}")
+    checkpoints = [inference.resolve_checkpoint(cfg.checkpoint), *map(Path, cfg.compare)]
+    names = list(cfg.names) or _unique_names(checkpoints)
+    models = [
+        _describe_checkpoint(name, path) for name, path in zip(names, checkpoints, strict=True)
+    ]
+    if cfg.baselines:
+        models += [{"name": name, "kind": "baseline"} for name in BASELINES]
+    per_image, outputs_of = [], {}
+    for model in models:
+        translate = _translator(model, cfg)
+        outputs_of[model["name"]] = translate
+        samples = _iter_split(data, rows)
+        bar = tqdm(total=len(rows), disable=not progress, desc=model["name"], unit="img")
+        for batch in _batched(samples, cfg.batch_size):
+            for sample, output in zip(batch, translate([s["rgb"] for s in batch]), strict=True):
+                per_image.append(
+                    {
+                        "model": model["name"],
+                        "key": sample["key"],
+                        "dataset": sample["dataset"],
+                        "daynight": sample["daynight"],
+                        **score(sample["real"], output),
+                    }
+                )
+            bar.update(len(batch))
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    shards.write_table(out / PER_IMAGE, per_image)
+    results = {
+        m["name"]: summarize([r for r in per_image if r["model"] == m["name"]]) for m in models
+    }
+    grids = write_grids(out, data, rows, per_image, models, outputs_of, cfg.grid_rows)
+    report = {
+        "stage": "evaluate",
+        "command": shlex.join(sys.argv),
+        "tirsynth": __version__,
+        "torch": str(torch.__version__),
+        "data": str(data.resolve()),
+        "split": cfg.split,
+        "samples": len(rows),
+        "options": to_dict(cfg),
+        "models": models,
+        "results": results,
+        "grids": grids,
+        "curves": {
+            m["name"]: training_curve(Path(m["checkpoint"]))
+            for m in models
+            if m["kind"] == "checkpoint"
+        },
+        "paper": PAPER if cfg.paper else None,
+        "seconds": time.time() - started,
+    }
+    shards.write_json(out / REPORT, report)
+    write_report(out)
+    return EvaluateResult(out, results, report)
+
+
+def score(real: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """SSIM, PSNR and mean LBP of one output against its real TIR, both (H, W) uint8."""
+    reference = torch.from_numpy(real.astype(np.float64))[None]
+    test = torch.from_numpy(output.astype(np.float64))[None]
+    return {
+        "ssim": metrics.ssim(reference, test).item(),
+        "psnr": metrics.psnr(reference, test).item(),
+        "lbp_real": metrics.lbp(reference).double().mean().item(),
+        "lbp_fake": metrics.lbp(test).double().mean().item(),
+    }
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """Means of each metric: overall, by dataset and by day/night (with counts)."""
+
+    def means(group: list[dict]) -> dict[str, float]:
+        finite = {m: [r[m] for r in group if np.isfinite(r[m])] for m in METRICS}
+        return {"images": len(group), **{m: float(np.mean(v)) for m, v in finite.items() if v}}
+
+    result: dict[str, Any] = {"overall": means(rows)}
+    for field in ("dataset", "daynight"):
+        values = sorted({r[field] for r in rows})
+        result[f"by_{field}"] = {v: means([r for r in rows if r[field] == v]) for v in values}
+    return result
+
+
+def training_curve(checkpoint: Path) -> list[dict[str, float]]:
+    """Validation SSIM and PSNR at the end of each epoch of the checkpoint's training run."""
+    stats = checkpoint.parent.parent / "stats.jsonl"
+    if not stats.exists():
+        return []
+    import json
+
+    records = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
+    return [
+        {"epoch": r["epoch"], "step": r["step"], "ssim": r["ssim"], "psnr": r["psnr"]}
+        for r in records
+        if r["kind"] == "val"
+    ]
+
+
+def write_grids(out, data, rows, per_image, models, outputs_of, count) -> dict[str, Any]:
+    """Sample grids, one row per sample: RGB | real TIR | each model's output.
+
+    Samples are chosen by the first model's SSIM: the worst, the best, and at random.
+    """
+    first = models[0]["name"]
+    ranked = sorted((r for r in per_image if r["model"] == first), key=lambda r: r["ssim"])
+    keys = [r["key"] for r in ranked]
+    chosen = {
+        "worst": keys[:count],
+        "best": keys[::-1][:count],
+        "random": random.Random(0).sample(keys, min(count, len(keys))),
+    }
+    columns = ["RGB", "real TIR", *(m["name"] for m in models if m["kind"] == "checkpoint")]
+    ssim_of = {(r["model"], r["key"]): r["ssim"] for r in per_image}
+    grids = {}
+    for title, wanted in chosen.items():
+        samples = {s["key"]: s for s in _iter_split(data, [r for r in rows if r["key"] in wanted])}
+        grid_rows = []
+        for key in wanted:
+            sample = samples[key]
+            cells = [sample["rgb_pixels"], sample["real"]]
+            cells += [outputs_of[name]([sample["rgb"]])[0] for name in columns[2:]]
+            grid_rows.append(cells)
+        path = write_image_grid(grid_rows, out / "grids" / f"{title}.png")
+        grids[title] = {
+            "path": str(path.relative_to(out)),
+            "columns": columns,
+            "keys": wanted,
+            "ssim": [round(ssim_of[first, k], 4) for k in wanted],
+        }
+    return grids
+
+
+def _translator(model: dict, cfg: EvaluateConfig):
+    """A function: list of RGB PIL images -> list of (H, W) uint8 outputs at their size."""
+    if model["kind"] == "baseline":
+        invert = model["name"] == "inverted-luma"
+
+        def baseline(images):
+            lumas = [_luma(np.asarray(image)) for image in images]
+            return [255 - luma if invert else luma for luma in lumas]
+
+        return baseline
+    translator = inference.Translator(model["checkpoint"], cfg.precision)
+    size = cfg.size or model["image_size"]
+
+    def translate(images):
+        fitted = [inference.fit_to_square(image, size) for image in images]
+        batch = {"pixels": np.stack([pixels for pixels, _ in fitted])}
+        squares = translator(batch)["tir"]
+        return [
+            inference.map_back(square, content, image.size)
+            for square, (_, content), image in zip(squares, fitted, images, strict=True)
+        ]
+
+    return translate
+
+
+def _iter_split(data: Path, rows: list[dict]) -> Iterator[dict[str, Any]]:
+    """Decoded samples of `rows`, shard by shard: rgb (PIL), rgb_pixels, real (uint8)."""
+    wanted = {r["key"]: r for r in rows}
+    for shard in sorted({r["shard"] for r in rows}):
+        for sample in shards.read_shard(data / shard):
+            row = wanted.get(sample["__key__"])
+            if row is None:
+                continue
+            rgb_bytes = next(v for k, v in sample.items() if k.startswith("rgb."))
+            tir_bytes = next(v for k, v in sample.items() if k.startswith("tir."))
+            rgb = inference.decode_rgb(rgb_bytes, max_pixels=1 << 31)
+            real = shards.decode_tir(tir_bytes)
+            if real.dtype == np.uint16:  # compare on the 8-bit scale (65535 / 255 = 257)
+                real = (real / 257).round().astype(np.uint8)
+            yield {
+                "key": row["key"],
+                "dataset": row["dataset"],
+                "daynight": row["daynight"],
+                "rgb": rgb,
+                "rgb_pixels": np.asarray(rgb),
+                "real": real,
+            }
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    gray = metrics.to_gray_uint8(
+        torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].double() / 127.5 - 1
+    )
+    return gray[0].numpy().astype(np.uint8)
+
+
+def _describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state)
+    return {
+        "name": name,
+        "kind": "checkpoint",
+        "checkpoint": str(path.resolve()),
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "skips": list(cfg.model.resolved_skips()),
+        "loss": to_dict(cfg.loss),
+        "image_size": cfg.data.image_size,
+        "val": state.get("val", {}),
+    }
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    # runs/NAME/checkpoints/best.pt -> NAME; otherwise the file stem.
+    names = [p.parent.parent.name if p.parent.name == "checkpoints" else p.stem for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{name}-{i}" for i, name in enumerate(names)]

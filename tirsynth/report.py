@@ -1,0 +1,517 @@
+"""A run folder's report.json (plus its logs, index and grids) in; a self-contained report.html out.
+
+One page per run of train, generate or evaluate: what ran, the metrics tables, plots and
+sample grids embedded as data URIs (it opens offline), and the rejects by reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tirsynth import shards
+from tirsynth.quality import write_image_grid
+from tirsynth.shards import atomic_output
+
+REPORT_JSON, REPORT_HTML = "report.json", "report.html"
+GRID_ROWS = 4
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .6rem;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}img.small{width:480px;image-rendering:pixelated}
+.meta td{text-align:left}.note{color:#666;font-size:.9rem}
+figure{margin:1rem 0}figcaption{color:#555;font-size:.9rem}
+"""
+# Records in the page whether its tables and images rendered, for headless checks.
+RENDER_CHECK = """<script>
+window.__errors=[];window.addEventListener('error',e=>window.__errors.push(String(e.message||e)));
+window.addEventListener('load',()=>{const imgs=[...document.images];
+document.body.setAttribute('data-render-check',JSON.stringify({tables:document.querySelectorAll(
+'table').length,images:imgs.length,broken:imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length,
+errors:window.__errors}));});
+</script>"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Build `run_dir/report.html` from `run_dir/report.json` and the run's other files."""
+    run_dir = Path(run_dir)
+    path = run_dir / REPORT_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a tirsynth run folder?")
+    report = json.loads(path.read_text())
+    renderers = {"train": _train, "generate": _generate, "evaluate": _evaluate}
+    if report.get("stage") not in renderers:
+        raise ValueError(f"{path}: unknown stage {report.get('stage')!r}")
+    title = f"tirsynth {report['stage']}: {run_dir.resolve().name}"
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        _what_ran(report),
+        *renderers[report["stage"]](run_dir, report),
+    ]
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}{RENDER_CHECK}</body></html>"
+    )
+    with atomic_output(run_dir / REPORT_HTML, durable=False) as handle:
+        handle.write(page.encode())
+    return run_dir / REPORT_HTML
+
+
+def _what_ran(report: dict) -> str:
+    keys = (
+        "command",
+        "step",
+        "epoch",
+        "best_ssim",
+        "best_checkpoint",
+        "workers",
+        "checkpoint",
+        "data",
+        "input",
+        "split",
+        "tirsynth",
+        "torch",
+        "seconds",
+        "samples_per_s",
+        "images_per_s",
+        "steady_images_per_s",
+    )
+    rows = [(k, report[k]) for k in keys if report.get(k) not in (None, "")]
+    options = report.get("config") or report.get("options")
+    parts = ["<h2>What ran</h2>", _table(["", "value"], rows, cls="meta")]
+    if options:
+        parts.append(
+            f"<details><summary>configuration</summary><pre>{_e(json.dumps(options, indent=2))}"
+            "</pre></details>"
+        )
+    return "".join(parts)
+
+
+# ---- train -------------------------------------------------------------------------------
+
+
+def _train(run_dir: Path, report: dict) -> list[str]:
+    records = (
+        [
+            json.loads(line)
+            for line in (run_dir / "stats.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (run_dir / "stats.jsonl").exists()
+        else []
+    )
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    parts = ["<h2>Validation</h2>"]
+    if val:
+        header = ["step", "epoch", "SSIM", "PSNR", "LBP real", "LBP fake", "SSIM day", "SSIM night"]
+        rows = [
+            (
+                r["step"],
+                f"{r['epoch']:.2f}",
+                r["ssim"],
+                r["psnr"],
+                r["lbp_real"],
+                r["lbp_fake"],
+                r["by_daynight"].get("day", {}).get("ssim"),
+                r["by_daynight"].get("night", {}).get("ssim"),
+            )
+            for r in val
+        ]
+        parts.append(_table(header, rows))
+        parts.append(
+            _figure(
+                _plot_lines(
+                    {
+                        "SSIM": ([r["step"] for r in val], [r["ssim"] for r in val]),
+                        **{
+                            f"SSIM {g}": (
+                                [r["step"] for r in val if g in r["by_daynight"]],
+                                [r["by_daynight"][g]["ssim"] for r in val if g in r["by_daynight"]],
+                            )
+                            for g in ("day", "night")
+                        },
+                    },
+                    "step",
+                    "val SSIM",
+                ),
+                "Validation SSIM over training, overall and by day/night",
+            )
+        )
+        parts.append(
+            _figure(
+                _plot_lines(
+                    {"PSNR": ([r["step"] for r in val], [r["psnr"] for r in val])},
+                    "step",
+                    "val PSNR (dB)",
+                ),
+                "Validation PSNR over training",
+            )
+        )
+    else:
+        parts.append("<p class='note'>No validation split: no validation records.</p>")
+    if train:
+        parts.append("<h2>Losses</h2>")
+        steps = [r["step"] for r in train]
+        g_terms = [k for k in ("g", "g_gan", "g_l1", "g_gradient", "g_intensity") if k in train[0]]
+        parts.append(
+            _figure(
+                _plot_lines(
+                    {k: (steps, [r[k] for r in train]) for k in g_terms},
+                    "step",
+                    "generator loss terms",
+                    log=True,
+                ),
+                "Generator loss and its weighted terms (log scale)",
+            )
+        )
+        parts.append(
+            _figure(
+                _plot_lines({"D": (steps, [r["d"] for r in train])}, "step", "D loss"),
+                "Discriminator loss",
+            )
+        )
+        rate = [r["samples_per_s"] for r in train[1:]] or [train[0]["samples_per_s"]]
+        parts.append(f"<p>Throughput: median {np.median(rate):.2f} samples/s.</p>")
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    if samples:
+        parts.append("<h2>Sample grids (RGB | real TIR | generated, val split)</h2>")
+        for path in [samples[0], samples[-1]] if len(samples) > 1 else samples:
+            caption = f"after {path.stem.replace('_', ' ')}"
+            parts.append(_figure(_data_uri(path.read_bytes()), caption, cls="small"))
+    return parts
+
+
+# ---- generate ----------------------------------------------------------------------------
+
+
+def _generate(run_dir: Path, report: dict) -> list[str]:
+    index = shards.read_index(run_dir)
+    names = [
+        n
+        for n in (
+            "ssim",
+            "psnr",
+            "lbp_real",
+            "lbp_fake",
+            "structure",
+            "intensity_distance",
+            "lbp_distance",
+        )
+        if any(n in r for r in index)
+    ]
+    parts = [
+        "<h2>Quality</h2>",
+        f"<p>{report['outputs']} outputs ({report['generated_this_run']} in the last run), "
+        f"{report['rejects']} rejects.</p>",
+        _table(
+            ["metric", "mean", "min", "max"],
+            [(n, *_stats([r[n] for r in index if r.get(n) is not None])) for n in names],
+        ),
+    ]
+    batches = report.get("batches") or []
+    if batches:
+        series = {
+            n: ([b["batch"] for b in batches], [b.get(n) for b in batches])
+            for n in names
+            if any(b.get(n) is not None for b in batches)
+        }
+        parts.append(
+            _figure(
+                _plot_lines(series, "batch", "mean per batch"), "Quality per batch over the run"
+            )
+        )
+    for n in names:
+        values = [r[n] for r in index if r.get(n) is not None]
+        parts.append(_figure(_plot_hist({"": values}, n), f"Distribution of {n} per image"))
+    parts += _generate_grids(run_dir, report, index)
+    parts.append(_rejects(shards.read_rejects(run_dir)))
+    return parts
+
+
+def _generate_grids(run_dir: Path, report: dict, index: list[dict]) -> list[str]:
+    if not index:
+        return []
+    rank_by = "ssim" if any("ssim" in r for r in index) else "structure"
+    ranked = sorted(index, key=lambda r: r.get(rank_by) or 0.0)
+    chosen = {
+        "worst": ranked[:GRID_ROWS],
+        "best": ranked[::-1][:GRID_ROWS],
+        "random": random.Random(0).sample(ranked, min(GRID_ROWS, len(ranked))),
+    }
+    input_root = Path(report.get("input", "."))
+    parts = [
+        f"<h2>Sample grids (RGB | generated TIR | real TIR when there is one), "
+        f"worst and best by {rank_by}</h2>"
+    ]
+    for title, rows in chosen.items():
+        grid_rows = [_generate_row(run_dir, input_root, row) for row in rows]
+        path = write_image_grid(grid_rows, run_dir / "grids" / f"{title}.png")
+        caption = f"{title}: " + ", ".join(f"{r['key']} ({r.get(rank_by, 0):.3f})" for r in rows)
+        parts.append(_figure(_data_uri(path.read_bytes()), caption))
+    return parts
+
+
+def _generate_row(run_dir: Path, input_root: Path, row: dict) -> list[np.ndarray]:
+    from PIL import Image, ImageOps
+
+    sample = next(
+        s for s in shards.read_shard(run_dir / row["shard"]) if s["__key__"] == row["key"]
+    )
+    tir = np.asarray(Image.open(io.BytesIO(sample["tir.png"])))
+    shard, sep, key = row["source"].partition(":")
+    real = None
+    if sep and shard.endswith(".tar"):  # pair-shard input: RGB and the real TIR
+        pair = next(s for s in shards.read_shard(input_root / shard) if s["__key__"] == key)
+        rgb_bytes = next(v for k, v in pair.items() if k.startswith("rgb."))
+        real = shards.decode_tir(next(v for k, v in pair.items() if k.startswith("tir.")))
+        real = (real / 257).astype(np.uint8) if real.dtype == np.uint16 else real
+    else:
+        rgb_bytes = Path(row["source"]).read_bytes()
+    rgb = ImageOps.exif_transpose(Image.open(io.BytesIO(rgb_bytes))).convert("RGB")
+    return [np.asarray(rgb), tir] + ([real] if real is not None else [])
+
+
+# ---- evaluate ----------------------------------------------------------------------------
+
+
+def _evaluate(run_dir: Path, report: dict) -> list[str]:
+    results, models = report["results"], report["models"]
+    parts = [f"<h2>Results on the {_e(report['split'])} split ({report['samples']} images)</h2>"]
+    header = ["model", "kind", "skips", "step", "images", "SSIM", "PSNR", "LBP real", "LBP fake"]
+    rows = [
+        (
+            m["name"],
+            m["kind"],
+            m.get("skips", ""),
+            m.get("step", ""),
+            *(
+                results[m["name"]]["overall"].get(k)
+                for k in ("images", "ssim", "psnr", "lbp_real", "lbp_fake")
+            ),
+        )
+        for m in models
+    ]
+    parts.append(_table(header, rows))
+    for field, title in (("by_daynight", "day/night"), ("by_dataset", "dataset")):
+        groups = sorted({g for r in results.values() for g in r[field]})
+        header = ["model", *(f"{g} {m}" for g in groups for m in ("SSIM", "PSNR"))]
+        rows = [
+            (name, *(r[field].get(g, {}).get(m) for g in groups for m in ("ssim", "psnr")))
+            for name, r in results.items()
+        ]
+        parts += [f"<h3>By {title}</h3>", _table(header, rows)]
+    per_image = shards.read_table(run_dir / "evaluation.parquet")
+    for metric in ("ssim", "psnr"):
+        series = {
+            m["name"]: [
+                r[metric] for r in per_image if r["model"] == m["name"] and np.isfinite(r[metric])
+            ]
+            for m in models
+        }
+        parts.append(
+            _figure(
+                _plot_box(series, metric.upper()),
+                f"Distribution of per-image {metric.upper()} by model",
+            )
+        )
+    groups = sorted({g for r in results.values() for g in r["by_daynight"]})
+    parts.append(
+        _figure(
+            _plot_bars(
+                {
+                    name: [r["by_daynight"].get(g, {}).get("ssim") for g in groups]
+                    for name, r in results.items()
+                },
+                groups,
+                "SSIM",
+            ),
+            "SSIM by day/night and model",
+        )
+    )
+    curves = {name: curve for name, curve in (report.get("curves") or {}).items() if curve}
+    if curves:
+        parts.append("<h2>Validation by epoch (as the paper's Figures 6 and 7)</h2>")
+        for metric in ("psnr", "ssim"):
+            epochs = sorted({round(p["epoch"], 2) for c in curves.values() for p in c})
+            values = {
+                name: [
+                    next((p[metric] for p in c if round(p["epoch"], 2) == e), None) for e in epochs
+                ]
+                for name, c in curves.items()
+            }
+            parts.append(
+                _figure(
+                    _plot_bars(values, [f"epoch {e:g}" for e in epochs], metric.upper()),
+                    f"val {metric.upper()} at the end of each epoch, per model",
+                )
+            )
+    if report.get("paper"):
+        parts.append(_paper_tables(report["paper"], results))
+    grids = report.get("grids") or {}
+    if grids:
+        first = next(iter(grids.values()))
+        parts.append(f"<h2>Sample grids ({' | '.join(_e(c) for c in first['columns'])})</h2>")
+        for title, grid in grids.items():
+            data = (run_dir / grid["path"]).read_bytes()
+            caption = f"{title} by SSIM of {models[0]['name']}: " + ", ".join(
+                f"{k} ({s})" for k, s in zip(grid["keys"], grid["ssim"], strict=True)
+            )
+            parts.append(_figure(_data_uri(data), caption))
+    return parts
+
+
+def _paper_tables(paper: dict, results: dict) -> str:
+    ours = {name: r for name, r in results.items()}
+    rows2 = [(name, *values) for name, values in paper["table2"].items()]
+    rows4 = [
+        (name, g, *paper["table4"][name][g]) for name in paper["table4"] for g in ("day", "night")
+    ]
+    ours_rows = [
+        (name, g, r["by_daynight"].get(g, {}).get("ssim"), r["by_daynight"].get(g, {}).get("psnr"))
+        for name, r in ours.items()
+        for g in ("day", "night")
+    ]
+    return (
+        "<h2>The paper's numbers beside ours</h2>"
+        f"<p class='note'>{_e(paper['source'])}. The paper trained and tested on KAIST; ours "
+        "are measured on the data given here, so compare the ordering of models rather "
+        "than the absolute values.</p><h3>Paper, Table 2</h3>"
+        + _table(["skips", "SSIM", "PSNR"], rows2)
+        + "<h3>Paper, Table 4</h3>"
+        + _table(["model", "", "SSIM", "PSNR"], rows4)
+        + "<h3>Ours, by day/night</h3>"
+        + _table(["model", "", "SSIM", "PSNR"], ours_rows)
+    )
+
+
+# ---- building blocks ---------------------------------------------------------------------
+
+
+def _rejects(rejects: list[dict]) -> str:
+    if not rejects:
+        return "<h2>Rejects</h2><p>None.</p>"
+    counts: dict[str, int] = {}
+    for row in rejects:
+        kind = shards.reason_kind(row["reason"])
+        counts[kind] = counts.get(kind, 0) + 1
+    rows = sorted(counts.items(), key=lambda item: -item[1])
+    return "<h2>Rejects by reason</h2>" + _table(["reason", "count"], rows)
+
+
+def _table(header: list[str], rows: list, cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(uri: str, caption: str, cls: str = "") -> str:
+    alt = _e(caption)
+    image = f"<img class='{cls}' src='{uri}' alt='{alt}'>"
+    return f"<figure>{image}<figcaption>{alt}</figcaption></figure>"
+
+
+def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, log: bool = False):
+    fig, ax = _axes()
+    for name, (xs, ys) in series.items():
+        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        if points:
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o" if len(points) < 30 else None,
+                markersize=3,
+                label=name,
+            )
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plot_hist(series: dict[str, list[float]], xlabel: str):
+    fig, ax = _axes()
+    for name, values in series.items():
+        if values:
+            ax.hist(values, bins=min(40, max(5, len(values) // 2)), alpha=0.7, label=name or None)
+    ax.set(xlabel=xlabel, ylabel="images")
+    return _png(fig)
+
+
+def _plot_box(series: dict[str, list[float]], ylabel: str):
+    fig, ax = _axes()
+    names = [n for n, v in series.items() if v]
+    ax.boxplot([series[n] for n in names], tick_labels=names)
+    ax.set(ylabel=ylabel)
+    ax.tick_params(axis="x", labelrotation=20)
+    return _png(fig)
+
+
+def _plot_bars(values: dict[str, list[float | None]], groups: list[str], ylabel: str):
+    fig, ax = _axes()
+    width = 0.8 / max(1, len(values))
+    for i, (name, ys) in enumerate(values.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=name)
+    ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set(ylabel=ylabel)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _axes():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return _data_uri(buffer.getvalue())
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _stats(values: list[float]) -> tuple:
+    return (
+        (float(np.mean(values)), float(np.min(values)), float(np.max(values)))
+        if values
+        else (None,) * 3
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
