@@ -3,10 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO := runs/demo
-SAMPLE := tirsynth/sample
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean chromium
 
 $(BIN)/tirsynth: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +15,17 @@ $(BIN)/tirsynth: pyproject.toml
 	touch $@
 
 demo: $(BIN)/tirsynth
-	$(BIN)/tirsynth ingest $(SAMPLE)/roadscene --meta $(SAMPLE)/roadscene-daynight.csv \
-		--split 0.5,0.25,0.25 --out $(DEMO)/data
-	$(BIN)/tirsynth info $(DEMO)/data
+	$(BIN)/tirsynth pipeline run pipelines/demo.yaml
 
-test: $(BIN)/tirsynth
+test: $(BIN)/tirsynth chromium
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium (Debian's package) for the test that renders the HTML reports; without
+# root and apt-get that test is skipped with a message.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+		|| echo "chromium is not installed: the report rendering test will be skipped"
 
 bench: $(BIN)/tirsynth
 	$(BIN)/tirsynth bench ingest ../shared/data/roadscene ../shared/data/llvip \

@@ -87,12 +87,14 @@ def test_learns_a_mapping(learnable_shards, tmp_path, precision):
     assert set(result.val["by_daynight"]) == {"day", "night"}
 
 
-def test_resume_is_exact(learnable_shards, tmp_path):
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_resume_is_exact(learnable_shards, tmp_path, loader_workers):
     """2k steps in one go equal k steps, a stop, and k more after --resume (CPU)."""
     # 41 train samples, batch 4: 10 steps per epoch; k = 7 stops mid-epoch, 2k crosses one.
-    cfg = tiny_cfg("train.epochs=5", "train.max_steps=14")
+    workers = f"data.loader_workers={loader_workers}"
+    cfg = tiny_cfg("train.epochs=5", "train.max_steps=14", workers)
     whole = train.run(cfg, learnable_shards, tmp_path / "whole", progress=False)
-    half = tiny_cfg("train.epochs=5", "train.max_steps=7")
+    half = tiny_cfg("train.epochs=5", "train.max_steps=7", workers)
     train.run(half, learnable_shards, tmp_path / "split", progress=False)
     resumed = train.run(cfg, learnable_shards, tmp_path / "split", resume=True, progress=False)
     assert whole.step == resumed.step == 14 and whole.epoch == 1

@@ -9,6 +9,7 @@ import click
 
 from tirsynth import __version__, shards
 from tirsynth.config import (
+    EvaluateConfig,
     GenerateConfig,
     IngestConfig,
     TrainConfig,
@@ -262,6 +263,102 @@ def export(generated, to) -> None:
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"exported {count} images to {to}")
+
+
+@main.command()
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Pair shards from tirsynth ingest.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="[default: the newest best.pt under ./runs]",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="More checkpoints, side by side (repeatable).",
+)
+@click.option("--name", "names", multiple=True, help="Display names, one per checkpoint.")
+@click.option("--split", help="[test]")
+@click.option(
+    "--no-baselines",
+    "baselines",
+    flag_value=False,
+    default=None,
+    help="Skip the RGB-luma and inverted-luma baselines.",
+)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--paper", is_flag=True, default=None, help="Put the paper's numbers beside ours.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option.")
+def evaluate(overrides, **flags) -> None:
+    """SSIM, PSNR and LBP of checkpoints (and baselines) against real TIR, by day/night."""
+    from tirsynth import evaluate as evaluate_stage
+
+    given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v not in (None, ())]
+    cfg = _load(None, EvaluateConfig, [*given, *overrides])
+    try:
+        result = evaluate_stage.run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{'model':<24}{'SSIM':>8}{'PSNR':>8}  by day/night (SSIM)")
+    for name, scores in result.results.items():
+        overall = scores["overall"]
+        groups = ", ".join(f"{g} {v['ssim']:.4f}" for g, v in scores["by_daynight"].items())
+        click.echo(f"{name:<24}{overall['ssim']:>8.4f}{overall['psnr']:>8.2f}  {groups}")
+    click.echo(f"report: {result.out / 'report.html'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir) -> None:
+    """Rebuild RUN_DIR/report.html (a train, generate or evaluate run) from its files."""
+    from tirsynth.report import write_report
+
+    try:
+        click.echo(f"report: {write_report(run_dir)}")
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.group()
+def pipeline() -> None:
+    """Pipelines: stages chained by a file in pipelines/."""
+
+
+@pipeline.command("run")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--var",
+    "variables",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set one of the file's vars (value as YAML).",
+)
+def pipeline_run(path, variables) -> None:
+    """Run PATH's stages in order, skipping those already complete for the same inputs."""
+    import yaml
+
+    from tirsynth import pipeline as pipeline_module
+
+    values = {}
+    for item in variables:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--var {item!r} is not NAME=VALUE")
+        values[name.strip()] = yaml.safe_load(raw)
+    try:
+        outputs = pipeline_module.run(path, values)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    last = list(outputs.values())[-1]
+    final = last if last.suffix == ".html" else last / "report.html"
+    click.echo(f"pipeline done; report: {final}")
 
 
 @main.command()

@@ -135,14 +135,15 @@ class LoopConfig:
     precision: Precision = "fp32"  # autocast dtype; fp16 only on CUDA (with a grad scaler)
     channels_last: bool = True
     seed: int = 0
-    checkpoint_every: int = 0  # also keep step_N.pt every N steps (0: only latest and best)
+    val_every: int = 1  # epochs between validations (each also writes latest.pt and a grid)
+    checkpoint_every: int = 0  # also keep step_N.pt (and update latest.pt) every N steps
     log_every: int = 10  # steps between stats.jsonl records
     sample_count: int = 4  # rows of the per-epoch sample grid
 
     def __post_init__(self) -> None:
         check_literals(self)
-        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
-            raise ValueError("train.batch_size and train.epochs must be >= 1, max_steps >= 0")
+        if min(self.batch_size, self.epochs, self.val_every) < 1 or self.max_steps < 0:
+            raise ValueError("train.batch_size, epochs and val_every must be >= 1, max_steps >= 0")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,15 @@ class PairDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.even_ranks = even_ranks
         self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
+        # Shared memory: DataLoader workers that persist across epochs see set_epoch too.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         start, stop = self._rank_range()

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,61 @@ def write_report(run_dir: str | Path) -> Path:
     with atomic_output(run_dir / REPORT_HTML, durable=False) as handle:
         handle.write(page.encode())
     return run_dir / REPORT_HTML
+
+
+def write_overview(target: Path, outputs: dict[str, Path]) -> Path:
+    """`target` (an HTML file or a folder for report.html): one row per pipeline stage with
+    its headline numbers and a link to its own report."""
+    target = target / REPORT_HTML if target.suffix != ".html" else target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rows, details = [], []
+    for name, folder in outputs.items():
+        report_json = folder / REPORT_JSON
+        report = json.loads(report_json.read_text()) if report_json.exists() else {}
+        link = folder / REPORT_HTML
+        href = os.path.relpath(link, target.parent) if link.exists() else ""
+        anchor = f"<a href='{_e(href)}'>{_e(name)}</a>" if href else _e(name)
+        rows.append((anchor, report.get("stage", "ingest"), _headline(folder, report)))
+        if report.get("stage") == "evaluate":
+            header = ["model", "SSIM", "PSNR", "SSIM day", "SSIM night"]
+            table = [
+                (
+                    m,
+                    r["overall"].get("ssim"),
+                    r["overall"].get("psnr"),
+                    r["by_daynight"].get("day", {}).get("ssim"),
+                    r["by_daynight"].get("night", {}).get("ssim"),
+                )
+                for m, r in report["results"].items()
+            ]
+            details.append(
+                f"<h2>{_e(name)}: {_e(report['split'])} split</h2>" + _table(header, table)
+            )
+    table = "<table><thead><tr><th>stage</th><th>kind</th><th>result</th></tr></thead><tbody>"
+    table += "".join(f"<tr><td>{a}</td><td>{_e(k)}</td><td>{_e(h)}</td></tr>" for a, k, h in rows)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tirsynth pipeline</title>"
+        f"<style>{STYLE}</style></head><body><h1>tirsynth pipeline: {_e(target.parent.name)}"
+        f"</h1>{table}</tbody></table>{''.join(details)}{RENDER_CHECK}</body></html>"
+    )
+    with atomic_output(target, durable=False) as handle:
+        handle.write(page.encode())
+    return target
+
+
+def _headline(folder: Path, report: dict) -> str:
+    stage = report.get("stage")
+    if stage == "train":
+        best = report.get("best_ssim")
+        best = f", best val SSIM {best:.4f}" if isinstance(best, float) and best > -1 else ""
+        return f"{report['step']} steps ({report['epoch']} epochs){best}"
+    if stage == "generate":
+        return f"{report['outputs']} TIR images, {report['rejects']} rejects"
+    if stage == "evaluate":
+        first = next(iter(report["results"].items()))
+        return f"{first[0]}: SSIM {first[1]['overall']['ssim']:.4f}"
+    summary = shards.summarize(folder) if (folder / shards.INDEX).exists() else None
+    return f"{summary['pairs']} pairs {summary['by_split']}" if summary else ""
 
 
 def _what_ran(report: dict) -> str:

@@ -173,6 +173,7 @@ def train_worker(
         num_workers=cfg.data.loader_workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.loader_workers > 0,  # no fork per epoch
     )
     steps_per_epoch = train_set.batch_count(loop.batch_size, cfg.data.loader_workers)
     if steps_per_epoch == 0:
@@ -283,8 +284,10 @@ def train_worker(
             bar.update(1)
             if rank == 0 and loop.checkpoint_every and step % loop.checkpoint_every == 0:
                 save(f"step_{step:08d}.pt", last_val)
+                save(LATEST, last_val)
             if step % steps_per_epoch == 0 or step == total_steps:
-                if rank == 0:
+                validation_due = (step // steps_per_epoch) % loop.val_every == 0
+                if rank == 0 and (validation_due or step == total_steps):
                     end_of_epoch_or_run()
                 break
     bar.close()

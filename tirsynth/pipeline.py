@@ -1,0 +1,233 @@
+"""A pipeline file (pipelines/*.yaml) in; its stages run in order, each into OUT/<name>.
+
+    out: runs/demo
+    vars: {steps: 300}                     # defaults; `--var steps=50` overrides
+    stages:
+      - ingest: {name: data, sources: [...], split: [0.7, 0.15, 0.15]}
+      - train: {name: sparse, config: configs/sparse.yaml, data: data,
+                set: ["train.max_steps=${steps}"]}
+      - generate: {name: generated, input: some/rgb/folder, checkpoint: sparse}
+      - evaluate: {name: evaluation, data: data, checkpoint: sparse, split: test}
+      - report: {}
+
+A value naming an earlier stage stands for its output (a pair-shard folder, or a training
+run's best checkpoint). A stage is skipped when OUT/pipeline.json records it complete with
+the same fingerprint: its options, the files it reads and the fingerprints of the stages
+it depends on. A train stage that did not finish resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tirsynth import shards
+from tirsynth.config import (
+    EvaluateConfig,
+    GenerateConfig,
+    IngestConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+)
+
+STATE = "pipeline.json"
+KINDS = ("ingest", "train", "generate", "evaluate", "report")
+VARIABLE = re.compile(r"\$\{(\w+)\}")
+
+
+def run(path: str | Path, variables: dict[str, Any] | None = None, progress: bool = True):
+    """Run the pipeline file `path`; returns {stage name: its output path}."""
+    spec = load_pipeline(path, variables or {})
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    state = json.loads((out / STATE).read_text()) if (out / STATE).exists() else {}
+    outputs: dict[str, Path] = {}
+    fingerprints: dict[str, str] = {}
+    for kind, options in spec["stages"]:
+        name = options.pop("name", kind)
+        fingerprint = _fingerprint(kind, options, fingerprints)
+        target = out / name
+        record = state.get(name, {})
+        done = record.get("fingerprint") == fingerprint and record.get("status") == "complete"
+        if done and target.exists():
+            print(f"[{name}] up to date, skipped ({target})")
+        else:
+            resume = record.get("fingerprint") == fingerprint and kind == "train"
+            if not resume and target.exists() and kind != "ingest":
+                shutil.rmtree(target)  # a different run of this stage: start it again
+            print(f"[{name}] running {kind} -> {target}")
+            state[name] = {"kind": kind, "fingerprint": fingerprint, "status": "running"}
+            shards.write_json(out / STATE, state)
+            started = time.time()
+            STAGES[kind](options, target, outputs, spec, resume, progress)
+            state[name].update(status="complete", seconds=time.time() - started)
+            shards.write_json(out / STATE, state)
+        outputs[name], fingerprints[name] = target, fingerprint
+        report = target / "report.html" if target.is_dir() else target
+        if report.exists():
+            print(f"[{name}] report: {report}")
+    return outputs
+
+
+def load_pipeline(path: str | Path, variables: dict[str, Any]) -> dict[str, Any]:
+    """Read a pipeline file, substituting `${var}` from its `vars` and `variables`."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(raw) - {"out", "vars", "stages"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: out, vars, stages)")
+    values = {**(raw.get("vars") or {}), **variables}
+    missing = sorted(set(variables) - set(raw.get("vars") or {}))
+    if missing:
+        raise ValueError(f"{path}: --var {missing[0]} is not one of its vars")
+    stages = []
+    for item in raw.get("stages") or []:
+        if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in KINDS:
+            raise ValueError(f"{path}: each stage is one of {', '.join(KINDS)}: {item!r}")
+        kind, options = next(iter(item.items()))
+        stages.append((kind, _substitute(options or {}, values)))
+    return {"out": _substitute(raw.get("out", "runs/pipeline"), values), "stages": stages}
+
+
+def _ingest(options, target, outputs, spec, resume, progress) -> None:
+    from tirsynth import ingest
+
+    cfg = from_dict(IngestConfig, {**options, "out": str(target)})
+    result = ingest.run(cfg)
+    if result.pairs == 0:
+        raise ValueError(f"ingest stored no pairs from {cfg.sources}")
+
+
+def _train(options, target, outputs, spec, resume, progress) -> None:
+    from tirsynth import train
+
+    options = dict(options)
+    cfg = load_config(options.pop("config"), TrainConfig, list(options.pop("set", [])))
+    data = _resolve(options.pop("data"), outputs)
+    workers = options.pop("workers", 1)
+    _no_more(options, "train")
+    train.run(
+        cfg,
+        data,
+        target,
+        resume=resume and (target / "checkpoints").exists(),
+        workers=workers,
+        progress=progress,
+    )
+
+
+def _generate(options, target, outputs, spec, resume, progress) -> None:
+    from tirsynth import generate
+
+    options = {**options, "out": str(target)}
+    options["input"] = str(_resolve(options["input"], outputs))
+    options["checkpoint"] = str(_checkpoint(options["checkpoint"], outputs))
+    generate.run(from_dict(GenerateConfig, options), progress=progress)
+
+
+def _evaluate(options, target, outputs, spec, resume, progress) -> None:
+    from tirsynth import evaluate
+
+    options = {**options, "out": str(target)}
+    options["data"] = str(_resolve(options["data"], outputs))
+    refs = [options["checkpoint"], *options.get("compare", [])]
+    options.setdefault("names", [r if r in outputs else Path(r).stem for r in refs])
+    options["checkpoint"] = str(_checkpoint(refs[0], outputs))
+    options["compare"] = [str(_checkpoint(r, outputs)) for r in refs[1:]]
+    evaluate.run(from_dict(EvaluateConfig, options), progress=progress)
+
+
+def _report(options, target, outputs, spec, resume, progress) -> None:
+    """An overview page linking every stage's own report."""
+    from tirsynth.report import write_overview
+
+    write_overview(target, outputs)
+
+
+STAGES = {
+    "ingest": _ingest,
+    "train": _train,
+    "generate": _generate,
+    "evaluate": _evaluate,
+    "report": _report,
+}
+
+
+def _checkpoint(ref: str, outputs: dict[str, Path]) -> Path:
+    """A train stage's best checkpoint (its latest when it never validated), or a path."""
+    if ref in outputs:
+        best = outputs[ref] / "checkpoints" / "best.pt"
+        return best if best.exists() else outputs[ref] / "checkpoints" / "latest.pt"
+    return Path(ref)
+
+
+def _resolve(ref: str, outputs: dict[str, Path]) -> Path:
+    return outputs.get(ref, Path(ref))
+
+
+def _no_more(options: dict, kind: str) -> None:
+    if options:
+        raise ValueError(f"{kind} stage: unknown option {next(iter(options))!r}")
+
+
+def _fingerprint(kind: str, options: dict, fingerprints: dict[str, str]) -> str:
+    """Options + the content signature of files they name + upstream fingerprints."""
+    parts: list[Any] = [kind, options]
+    for value in _strings(options):
+        if value in fingerprints:
+            parts.append(fingerprints[value])
+        elif os.path.exists(value):
+            parts.append(_signature(Path(value)))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _signature(path: Path) -> list:
+    """(relative path, size, mtime) of every file under `path` (or of `path` itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [
+        (str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+    ]
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _substitute(value: Any, variables: dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            resolved = _substitute(item, variables)
+            # "${list_var}" as a list item splices the list in.
+            is_splice = isinstance(item, str) and VARIABLE.fullmatch(item)
+            items.extend(resolved if is_splice and isinstance(resolved, list) else [resolved])
+        return items
+    if not isinstance(value, str):
+        return value
+    whole = VARIABLE.fullmatch(value)
+    if whole:
+        return _lookup(whole.group(1), variables)
+    return VARIABLE.sub(lambda m: str(_lookup(m.group(1), variables)), value)
+
+
+def _lookup(name: str, variables: dict[str, Any]) -> Any:
+    if name not in variables:
+        raise ValueError(f"pipeline variable ${{{name}}} is not defined in vars")
+    return variables[name]
