@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE
 
-from tirsynth.cli import main
+from tirsynth.cli import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -27,7 +27,7 @@ COMMANDS = [
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help(command):
-    result = CliRunner().invoke(main, [*command, "--help"])
+    result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
 
@@ -36,7 +36,7 @@ def test_ingest_and_info_on_the_built_in_sample(tmp_path):
     runner = CliRunner()
     out = tmp_path / "data"
     result = runner.invoke(
-        main,
+        cli,
         [
             "ingest",
             str(SAMPLE / "roadscene"),
@@ -48,16 +48,16 @@ def test_ingest_and_info_on_the_built_in_sample(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "now holds 8 pairs" in result.output
-    info = runner.invoke(main, ["info", str(out), "--json"])
+    info = runner.invoke(cli, ["info", str(out), "--json"])
     summary = json.loads(info.output)
     assert summary["pairs"] == 8 and summary["by_daynight"] == {"day": 4, "night": 4}
-    text = runner.invoke(main, ["info", str(out)]).output
+    text = runner.invoke(cli, ["info", str(out)]).output
     assert "roadscene/night" in text
 
 
 def test_dry_run_prints_resolved_options(tmp_path):
     result = CliRunner().invoke(
-        main,
+        cli,
         [
             "ingest",
             str(SAMPLE / "roadscene"),
@@ -82,7 +82,7 @@ def test_exit_codes_for_nothing_ingested_and_strict(tmp_path):
     (tmp_path / "rgb" / "a.jpg").write_bytes(b"")
     (tmp_path / "tir" / "a.jpg").write_bytes(b"")
     empty = runner.invoke(
-        main,
+        cli,
         [
             "ingest",
             "--rgb",
@@ -101,19 +101,19 @@ def test_exit_codes_for_nothing_ingested_and_strict(tmp_path):
         (SAMPLE / "roadscene/cropinfrared/FLIR_00006.jpg").read_bytes()
     )
     args = ["ingest", "--rgb", str(tmp_path / "rgb"), "--tir", str(tmp_path / "tir")]
-    assert runner.invoke(main, [*args, "--out", str(tmp_path / "o2")]).exit_code == 0
-    assert runner.invoke(main, [*args, "--out", str(tmp_path / "o3"), "--strict"]).exit_code == 1
+    assert runner.invoke(cli, [*args, "--out", str(tmp_path / "o2")]).exit_code == 0
+    assert runner.invoke(cli, [*args, "--out", str(tmp_path / "o3"), "--strict"]).exit_code == 1
 
 
 def test_user_errors_are_clean_messages(tmp_path):
-    result = CliRunner().invoke(main, ["ingest", str(tmp_path), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "cannot detect the layout" in result.output
     assert "Traceback" not in result.output
 
 
 def test_bench_train_prints_sparse_and_dense_side_by_side():
     result = CliRunner().invoke(
-        main,
+        cli,
         [
             "bench",
             "train",
@@ -154,19 +154,19 @@ def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_sessi
         "--batch-size",
         "4",
     ]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "generated 8 images" in result.output and "structure" in result.output
-    again = CliRunner().invoke(main, args)
+    again = CliRunner().invoke(cli, args)
     assert "generated 0 images (8 in" in again.output
-    other = CliRunner().invoke(main, [*args[:-2], "--size", "64"])
+    other = CliRunner().invoke(cli, [*args[:-2], "--size", "64"])
     assert other.exit_code == 1 and "--overwrite" in other.output
-    exported = CliRunner().invoke(main, ["export", str(out), "--to", str(folder)])
+    exported = CliRunner().invoke(cli, ["export", str(out), "--to", str(folder)])
     assert exported.exit_code == 0 and sorted(p.stem for p in folder.iterdir()) == sorted(
         p.stem for p in source.iterdir()
     )
     bench = CliRunner().invoke(
-        main,
+        cli,
         [
             "bench",
             "generate",

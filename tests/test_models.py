@@ -4,7 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tirsynth.cli import main
+from tirsynth.cli import cli
 from tirsynth.config import ModelConfig, TrainConfig, load_config
 from tirsynth.models import build_discriminator, build_generator, count_parameters
 
@@ -83,7 +83,7 @@ def test_bad_skips_are_refused():
 def test_model_command_prints_counts():
     config = Path(CONFIGS[0]).parent / "sparse.yaml"
     result = CliRunner().invoke(
-        main, ["model", str(config), "--set", "model.out_channels=3", "--image-size", "256"]
+        cli, ["model", str(config), "--set", "model.out_channels=3", "--image-size", "256"]
     )
     assert result.exit_code == 0, result.output
     assert "generator_parameters 47991427" in result.output

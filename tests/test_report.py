@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from tirsynth import evaluate, generate
-from tirsynth.cli import main
+from tirsynth.cli import cli
 from tirsynth.config import EvaluateConfig, GenerateConfig
 from tirsynth.report import write_report
 
@@ -98,9 +98,9 @@ def test_report_contents_and_rebuild(runs):
     evaluate_page = (runs["evaluate"] / "report.html").read_text()
     assert "inverted-luma" in evaluate_page and "By day/night" in evaluate_page
     (runs["evaluate"] / "report.html").unlink()
-    result = CliRunner().invoke(main, ["report", str(runs["evaluate"])])
+    result = CliRunner().invoke(cli, ["report", str(runs["evaluate"])])
     assert result.exit_code == 0 and (runs["evaluate"] / "report.html").exists()
-    missing = CliRunner().invoke(main, ["report", str(runs["evaluate"] / "grids")])
+    missing = CliRunner().invoke(cli, ["report", str(runs["evaluate"] / "grids")])
     assert missing.exit_code == 1 and "report.json" in missing.output
 
 

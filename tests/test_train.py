@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from tirsynth import train
 from tirsynth.checkpoint import load_checkpoint, load_generator, save_checkpoint
-from tirsynth.cli import main
+from tirsynth.cli import cli
 from tirsynth.config import TrainConfig, load_config
 from tirsynth.data import PairDataset
 from tirsynth.models import build_discriminator, build_generator
@@ -183,13 +183,13 @@ def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
 def test_cli_train_and_resume(learnable_shards, tmp_path):
     run = str(tmp_path / "run")
     args = ["train", "--config", str(TINY), "--data", str(learnable_shards), "--out", run]
-    result = CliRunner().invoke(main, [*args, "--set", "train.max_steps=2"])
+    result = CliRunner().invoke(cli, [*args, "--set", "train.max_steps=2"])
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output and "val SSIM" in result.output
-    again = CliRunner().invoke(main, args)
+    again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "--resume" in again.output
     resumed = CliRunner().invoke(
-        main,
+        cli,
         [
             "train",
             "--data",
@@ -203,7 +203,7 @@ def test_cli_train_and_resume(learnable_shards, tmp_path):
     )
     assert resumed.exit_code == 0, resumed.output
     assert "trained 4 steps" in resumed.output
-    dry = CliRunner().invoke(main, [*args, "--dry-run", "--set", "train.lr=0.001"])
+    dry = CliRunner().invoke(cli, [*args, "--dry-run", "--set", "train.lr=0.001"])
     assert "lr: 0.001" in dry.output
 
 

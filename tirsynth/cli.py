@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -20,14 +21,14 @@ from tirsynth.config import (
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tirsynth")
-def main() -> None:
+def cli() -> None:
     """Turn RGB image corpora into synthetic thermal-infrared datasets with valid labels.
 
     raw pairs -> ingest -> pair shards -> train -> checkpoint -> generate -> TIR shards
     """
 
 
-@main.command()
+@cli.command()
 @click.argument("sources", nargs=-1, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option(
@@ -110,7 +111,7 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
         sys.exit(1)
 
 
-@main.command()
+@cli.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(root, as_json) -> None:
@@ -137,7 +138,7 @@ def info(root, as_json) -> None:
                 click.echo(f"    {name:<48} {count:>7}")
 
 
-@main.command()
+@cli.command()
 @click.option(
     "--config",
     "config_path",
@@ -179,7 +180,7 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     click.echo(f"checkpoint: {result.checkpoint}  best: {result.best_checkpoint}")
 
 
-@main.command()
+@cli.command()
 @click.option(
     "--input",
     "input_",
@@ -251,7 +252,7 @@ def generate(input_, overrides, dry_run, **flags) -> None:
             click.echo(f"  {count:>6}  {reason}")
 
 
-@main.command()
+@cli.command()
 @click.argument("generated", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", required=True, type=click.Path(file_okay=False), help="Target folder.")
 def export(generated, to) -> None:
@@ -265,7 +266,7 @@ def export(generated, to) -> None:
     click.echo(f"exported {count} images to {to}")
 
 
-@main.command()
+@cli.command()
 @click.option(
     "--data",
     required=True,
@@ -314,7 +315,7 @@ def evaluate(overrides, **flags) -> None:
     click.echo(f"report: {result.out / 'report.html'}")
 
 
-@main.command()
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir) -> None:
     """Rebuild RUN_DIR/report.html (a train, generate or evaluate run) from its files."""
@@ -326,7 +327,7 @@ def report(run_dir) -> None:
         raise click.ClickException(str(err)) from err
 
 
-@main.group()
+@cli.group()
 def pipeline() -> None:
     """Pipelines: stages chained by a file in pipelines/."""
 
@@ -361,7 +362,7 @@ def pipeline_run(path, variables) -> None:
     click.echo(f"pipeline done; report: {final}")
 
 
-@main.command()
+@cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. model.ngf=32")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=2))
@@ -382,7 +383,7 @@ def model(config_path, overrides, image_size) -> None:
     click.echo(f"discriminator_flops_per_image {count_flops(discriminator, rgb, tir)}")
 
 
-@main.group()
+@cli.group()
 def bench() -> None:
     """Benchmarks: each prints its figures and the ratio to its limit."""
 
@@ -495,6 +496,21 @@ def _print_ingest_summary(result) -> None:
             f"{len(result.meta_unmatched)} --meta rows matched no sample: {shown}"
             + (" ..." if len(result.meta_unmatched) > 5 else "")
         )
+
+
+def main() -> None:
+    """The console entry point: run the command, flush, and leave without interpreter
+    teardown. Arrow's native thread pools can abort the process in static destructors at
+    exit ("terminate called without an active exception", apache/arrow#34314) after all
+    work is done and written; every output here is already closed and renamed by then."""
+    try:
+        cli()  # standalone mode: always ends in SystemExit
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -492,7 +492,8 @@ def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
     if log:
         ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -522,7 +523,8 @@ def _plot_bars(values: dict[str, list[float | None]], groups: list[str], ylabel:
         ax.bar(xs, [y if y is not None else 0 for y in ys], width, label=name)
     ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
     ax.set(ylabel=ylabel)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -416,6 +417,8 @@ def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Starting workers that import torch can take over Ray's 60 s default on a loaded machine.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
