@@ -156,6 +156,9 @@ def test_checkpoint_contents_and_generator_reload(learnable_shards, tmp_path):
     hist = state["tir_stats"]["intensity_hist"]
     assert hist.shape == (256,) and abs(hist.sum().item() - 1) < 1e-9
     assert state["tir_stats"]["images"] == len(PairDataset(learnable_shards, "train"))
+    best = load_checkpoint(result.best_checkpoint)
+    val_ssims = [r["ssim"] for r in stats(result.out, "val")]
+    assert state["best_ssim"] == best["val"]["ssim"] == max(val_ssims)  # latest knows the best
     gen, _ = load_generator(result.checkpoint)
     rgb = torch.rand(1, 3, 32, 32) * 2 - 1
     assert gen(rgb).shape == (1, 1, 32, 32)

@@ -245,10 +245,11 @@ def train_worker(
                 loop.sample_count,
                 out / "samples" / f"step_{step:08d}.png",
             )
-        save(LATEST, last_val)
-        if last_val and last_val["ssim"] > best_ssim:
-            best_ssim = last_val["ssim"]
+        improved = bool(last_val) and last_val["ssim"] > best_ssim
+        if improved:
+            best_ssim = last_val["ssim"]  # before saving latest.pt, which a resume reads
             save(BEST, last_val)
+        save(LATEST, last_val)
 
     # 4. The loop: count steps; an epoch is steps_per_epoch steps on every rank.
     bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step")
