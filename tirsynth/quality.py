@@ -30,13 +30,14 @@ def validate(
     max_samples: int = 0,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """SSIM, PSNR and LBP of G on `dataset`, overall and by day/night.
+    """SSIM, PSNR and LBP of G on `dataset`, overall, by day/night and by dataset.
 
     Returns:
-        {"ssim", "psnr", "lbp_real", "lbp_fake", "samples", "by_daynight": {name: {...}}}
+        {"ssim", "psnr", "lbp_real", "lbp_fake", "samples",
+         "by_daynight": {name: {...}}, "by_dataset": {name: {...}}}
     """
     per_image: dict[str, list[float]] = {}
-    groups: list[str] = []
+    tags: dict[str, list[str]] = {"daynight": [], "dataset": []}
     was_training = gen.training
     gen.eval()
     for batch in DataLoader(dataset, batch_size=batch_size):
@@ -44,18 +45,20 @@ def validate(
         values = metrics.image_metrics(batch["tir"], fake.cpu())
         for name, tensor in values.items():
             per_image.setdefault(name, []).extend(tensor.tolist())
-        groups.extend(batch["daynight"])
-        if max_samples and len(groups) >= max_samples:
+        for field, values_of_field in tags.items():
+            values_of_field.extend(batch[field])
+        if max_samples and len(tags["dataset"]) >= max_samples:
             break
     gen.train(was_training)
-    count = min(len(groups), max_samples) if max_samples else len(groups)
+    count = min(len(tags["dataset"]), max_samples) if max_samples else len(tags["dataset"])
     result: dict[str, Any] = _means(per_image, range(count))
     result["samples"] = count
-    result["by_daynight"] = {
-        group: {**_means(per_image, idx), "samples": len(idx)}
-        for group in sorted(set(groups[:count]))
-        if (idx := [i for i in range(count) if groups[i] == group])
-    }
+    for field, groups in tags.items():
+        result[f"by_{field}"] = {
+            group: {**_means(per_image, idx), "samples": len(idx)}
+            for group in sorted(set(groups[:count]))
+            if (idx := [i for i in range(count) if groups[i] == group])
+        }
     return result
 
 

@@ -184,6 +184,20 @@ def _train(run_dir: Path, report: dict) -> list[str]:
             for r in val
         ]
         parts.append(_table(header, rows))
+        last = val[-1]
+        groups = [
+            (f"{field} {name}", values)
+            for field in ("daynight", "dataset")
+            for name, values in last.get(f"by_{field}", {}).items()
+        ]
+        header = ["group", "images", "SSIM", "PSNR", "LBP real", "LBP fake"]
+        rows = [
+            (g, v["samples"], v["ssim"], v["psnr"], v["lbp_real"], v["lbp_fake"]) for g, v in groups
+        ]
+        parts += [
+            f"<h3>Last validation (step {last['step']}) by day/night and dataset</h3>",
+            _table(header, rows),
+        ]
         parts.append(
             _figure(
                 _plot_lines(
