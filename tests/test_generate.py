@@ -158,9 +158,11 @@ def test_bright_square_edges_stay_in_place(tmp_path, tiny_checkpoint, ray_sessio
     (tmp_path / "in").mkdir()
     Image.fromarray(pixels).save(tmp_path / "in" / "square.png")
     generate.run(
-        generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, size=64), progress=False
+        generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, size=64, keep_rgb=True),
+        progress=False,
     )
     sample = next(shards.read_shard(next((tmp_path / "out").glob("tir-*.tar"))))
+    assert sample["rgb.png"] == (tmp_path / "in" / "square.png").read_bytes()  # --keep-rgb
     tir = np.asarray(Image.open(__import__("io").BytesIO(sample["tir.png"])), np.float64)
     assert tir.shape == (64, 96)
     edges = gradient_map(torch.from_numpy(tir / 255)[None, None])[0, 0].numpy()
