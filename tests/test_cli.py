@@ -182,3 +182,43 @@ def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_sessi
     )
     assert bench.exit_code == 0, bench.output
     assert "ratio to bare forward" in bench.output and "peak memory" in bench.output
+
+
+def test_evaluate_command(tmp_path, learnable_shards, tiny_checkpoint):
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--data",
+            str(learnable_shards),
+            "--split",
+            "val",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--name",
+            "tiny",
+            "--no-baselines",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].startswith("tiny") and "rgb-luma" not in result.output
+    assert f"report: {out / 'report.html'}" in result.output
+    missing = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--data",
+            str(learnable_shards),
+            "--split",
+            "test",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+        ],
+    )
+    assert missing.exit_code == 1 and "no samples in split 'test'" in missing.output

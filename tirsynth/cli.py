@@ -18,6 +18,24 @@ from tirsynth.config import (
     load_config,
 )
 
+# Options that several stage commands share.
+out_option = click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Output folder."
+)
+checkpoint_option = click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Trained checkpoint [default: the newest best.pt under ./runs].",
+)
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where the hardware has it [auto].",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option, as YAML."
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tirsynth")
@@ -188,12 +206,8 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     type=click.Path(exists=True),
     help="Folder, COCO or YOLO root, text list of paths, or pair shards.",
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Trained checkpoint [default: the newest best.pt under ./runs].",
-)
+@out_option
+@checkpoint_option
 @click.option(
     "--kind",
     "input_kind",
@@ -207,11 +221,7 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     type=click.IntRange(min=0),
     help="Model replicas [0: one per GPU, or 1 on the CPU].",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    help="auto: bf16 where the hardware has it [auto].",
-)
+@precision_option
 @click.option(
     "--size", type=click.IntRange(min=1), help="Model-side square [the checkpoint's training crop]."
 )
@@ -224,7 +234,7 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
 @click.option("--shard-size", type=click.IntRange(min=1), help="Samples per shard [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUT.")
 @click.option("--address", help="Ray cluster to join [a local one].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option.")
+@set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def generate(input_, overrides, dry_run, **flags) -> None:
     """RGB images (folder, COCO, YOLO, list, pair shards) -> TIR shards with labels."""
@@ -273,12 +283,8 @@ def export(generated, to) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="Pair shards from tirsynth ingest.",
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False),
-    help="[default: the newest best.pt under ./runs]",
-)
+@out_option
+@checkpoint_option
 @click.option(
     "--compare",
     multiple=True,
@@ -294,9 +300,9 @@ def export(generated, to) -> None:
     default=None,
     help="Skip the RGB-luma and inverted-luma baselines.",
 )
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@precision_option
 @click.option("--paper", is_flag=True, default=None, help="Put the paper's numbers beside ours.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option.")
+@set_option
 def evaluate(overrides, **flags) -> None:
     """SSIM, PSNR and LBP of checkpoints (and baselines) against real TIR, by day/night."""
     from tirsynth import evaluate as evaluate_stage
