@@ -1,7 +1,10 @@
+import io
 import json
 
+import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from tirsynth import shards
 
@@ -45,3 +48,13 @@ def test_parquet_tables_take_the_union_of_columns(tmp_path):
 def test_rejects_keep_their_schema_when_empty(tmp_path):
     shards.write_rejects(tmp_path, [])
     assert shards.read_rejects(tmp_path) == []
+
+
+def test_decode_tir_8bit_scales_16_bit_and_keeps_8_bit():
+    values = np.array([[0, 257, 300], [65535, 128, 1000]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    assert shards.decode_tir_8bit(buffer.getvalue()).tolist() == [[0, 1, 1], [255, 0, 4]]
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint8)).save(buffer, format="PNG")
+    assert shards.decode_tir_8bit(buffer.getvalue()).dtype == np.uint8

@@ -483,8 +483,6 @@ def _load(path, cls, overrides):
 
 
 def _print_ingest_summary(result) -> None:
-    from tirsynth.ingest import reject_summary
-
     summary = shards.summarize(result.out)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_split"].items()))
     daynight = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_daynight"].items()))
@@ -494,7 +492,7 @@ def _print_ingest_summary(result) -> None:
     )
     if result.rejects:
         click.echo(f"skipped {len(result.rejects)} inputs (see {result.out}/rejects.parquet):")
-        for reason, count in reject_summary(result.rejects).most_common():
+        for reason, count in shards.rejects_by_reason(result.rejects).most_common():
             click.echo(f"  {count:>6}  {reason}")
     if result.meta_unmatched:
         shown = ", ".join(result.meta_unmatched[:5])

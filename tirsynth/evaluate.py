@@ -239,9 +239,7 @@ def _iter_split(data: Path, rows: list[dict]) -> Iterator[dict[str, Any]]:
             rgb_bytes = next(v for k, v in sample.items() if k.startswith("rgb."))
             tir_bytes = next(v for k, v in sample.items() if k.startswith("tir."))
             rgb = inference.decode_rgb(rgb_bytes, max_pixels=1 << 31)
-            real = shards.decode_tir(tir_bytes)
-            if real.dtype == np.uint16:  # compare on the 8-bit scale (65535 / 255 = 257)
-                real = (real / 257).round().astype(np.uint8)
+            real = shards.decode_tir_8bit(tir_bytes)
             yield {
                 "key": row["key"],
                 "dataset": row["dataset"],

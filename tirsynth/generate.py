@@ -79,9 +79,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         index = shards.prepare_output(
             out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
         )
-        previous_rejects = (
-            shards.read_rejects(out) if index or out.joinpath(shards.REJECTS).exists() else []
-        )
+        previous_rejects = shards.read_rejects(out)
         done = {r["key"] for r in index} | {r["key"] for r in previous_rejects}
         rejects = previous_rejects + [r for r in corpus.rejects if r["key"] not in done]
         pending = [image for image in corpus.images if image.key not in done]
@@ -170,10 +168,12 @@ def postprocess_batch(
     """Map each output back to its input's size, encode it as PNG and score it.
 
     Returns:
-        key, tir_png (bytes), rgb, metrics (JSON), error (including low structure).
+        key, tir_png (bytes), width, height, rgb, metrics (JSON), error (including low
+        structure).
     """
     real_stats = (torch.tensor(intensity_hist), torch.tensor(lbp_hist))
-    columns: dict[str, list] = {"key": [], "tir_png": [], "rgb": [], "metrics": [], "error": []}
+    names = ("key", "tir_png", "width", "height", "rgb", "metrics", "error")
+    columns: dict[str, list] = {name: [] for name in names}
     for i, key in enumerate(batch["key"]):
         error, png, scores = str(batch["error"][i]), b"", {}
         if not error:
@@ -189,9 +189,16 @@ def postprocess_batch(
                 )
             else:
                 png = inference.encode_png(tir)
-        for name, value in zip(
-            columns, (key, png, batch["rgb"][i], json.dumps(scores), error), strict=True
-        ):
+        row = (
+            key,
+            png,
+            batch["width"][i],
+            batch["height"][i],
+            batch["rgb"][i],
+            json.dumps(scores),
+            error,
+        )
+        for name, value in zip(columns, row, strict=True):
             columns[name].append(value)
     return {name: np.array(values, dtype=object) for name, values in columns.items()}
 
@@ -218,9 +225,7 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
         ).item(),
     }
     if real_bytes:
-        real = torch.from_numpy(shards.decode_tir(real_bytes).astype(np.float64))
-        if real.max() > 255:  # 16-bit TIR: compare on the 8-bit scale
-            real = (real / 257).round()
+        real = torch.from_numpy(shards.decode_tir_8bit(real_bytes).astype(np.float64))
         if tuple(real.shape) == tir.shape:
             output = torch.from_numpy(np.array(tir)).double()[None]
             scores["ssim"] = metrics.ssim(real[None], output).item()
@@ -309,12 +314,8 @@ def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
 def build_report(
     cfg, checkpoint, corpus, writer, batches, seconds, pipeline_seconds
 ) -> dict[str, Any]:
-    names = sorted({k for row in writer.index for k in _metric_names(row)})
+    names = [n for n in metrics.QUALITY_FIELDS if any(n in row for row in writer.index)]
     overall = {n: _mean([row[n] for row in writer.index if row.get(n) is not None]) for n in names}
-    by_reason: dict[str, int] = {}
-    for row in writer.rejects:
-        kind = shards.reason_kind(row["reason"])
-        by_reason[kind] = by_reason.get(kind, 0) + 1
     return {
         "stage": "generate",
         "command": shlex.join(sys.argv),
@@ -332,7 +333,7 @@ def build_report(
         "overall": overall,
         "batches": batches,
         "rejects": len(writer.rejects),
-        "rejects_by_reason": by_reason,
+        "rejects_by_reason": dict(shards.rejects_by_reason(writer.rejects)),
     }
 
 
@@ -420,7 +421,7 @@ def _write_batch(batch, by_key, corpus, writer, number) -> dict[str, Any]:
         scores = json.loads(batch["metrics"][i])
         labels = json.loads(image.labels)
         tir_png = batch["tir_png"][i]
-        width, height = Image.open(io.BytesIO(tir_png)).size
+        width, height = int(batch["width"][i]), int(batch["height"][i])
         record = {
             "key": key,
             "source": image.path or f"{image.shard}:{key}",
@@ -513,19 +514,6 @@ def _manifest(cfg, checkpoint, size, fingerprint, corpus, status) -> dict[str, A
         "options": to_dict(replace(cfg, checkpoint=str(checkpoint))),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _metric_names(row: dict) -> list[str]:
-    known = (
-        "structure",
-        "intensity_distance",
-        "lbp_distance",
-        "ssim",
-        "psnr",
-        "lbp_real",
-        "lbp_fake",
-    )
-    return [n for n in known if n in row]
 
 
 def _steady_rate(batches: list[dict]) -> float | None:

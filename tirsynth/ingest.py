@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,10 +343,6 @@ def reject_row(reject: Reject) -> dict[str, Any]:
         "tir_path": reject.tir,
         "reason": reject.reason,
     }
-
-
-def reject_summary(rejects: list[dict]) -> Counter:
-    return Counter(shards.reason_kind(r["reason"]) for r in rejects)
 
 
 def _read_side(path: str, role: str, options: dict) -> images.StoredImage:

@@ -17,6 +17,17 @@ import torch.nn.functional as F
 from tirsynth.losses import intensity
 
 DATA_RANGE = 255.0
+# Per-image quality fields of generated images (generate's index, reports): with a real TIR
+# SSIM, PSNR and LBP; always structure and the histogram distances to real-TIR statistics.
+QUALITY_FIELDS = (
+    "ssim",
+    "psnr",
+    "lbp_real",
+    "lbp_fake",
+    "structure",
+    "intensity_distance",
+    "lbp_distance",
+)
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # scikit-image: int(truncate 3.5 * sigma + 0.5) -> an 11x11 window
 K1, K2 = 0.01, 0.03

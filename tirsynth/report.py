@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tirsynth import shards
+from tirsynth import metrics, shards
 from tirsynth.quality import write_image_grid
 from tirsynth.shards import atomic_output
 
@@ -266,19 +266,7 @@ def _train(run_dir: Path, report: dict) -> list[str]:
 
 def _generate(run_dir: Path, report: dict) -> list[str]:
     index = shards.read_index(run_dir)
-    names = [
-        n
-        for n in (
-            "ssim",
-            "psnr",
-            "lbp_real",
-            "lbp_fake",
-            "structure",
-            "intensity_distance",
-            "lbp_distance",
-        )
-        if any(n in r for r in index)
-    ]
+    names = [n for n in metrics.QUALITY_FIELDS if any(n in r for r in index)]
     parts = [
         "<h2>Quality</h2>",
         f"<p>{report['outputs']} outputs ({report['generated_this_run']} in the last run), "
@@ -318,37 +306,54 @@ def _generate_grids(run_dir: Path, report: dict, index: list[dict]) -> list[str]
         "best": ranked[::-1][:GRID_ROWS],
         "random": random.Random(0).sample(ranked, min(GRID_ROWS, len(ranked))),
     }
-    input_root = Path(report.get("input", "."))
     parts = [
         f"<h2>Sample grids (RGB | generated TIR | real TIR when there is one), "
         f"worst and best by {rank_by}</h2>"
     ]
+    cells = _grid_cells(
+        run_dir,
+        Path(report.get("input", ".")),
+        list({r["key"]: r for rows in chosen.values() for r in rows}.values()),
+    )
     for title, rows in chosen.items():
-        grid_rows = [_generate_row(run_dir, input_root, row) for row in rows]
-        path = write_image_grid(grid_rows, run_dir / "grids" / f"{title}.png")
+        path = write_image_grid([cells[r["key"]] for r in rows], run_dir / "grids" / f"{title}.png")
         caption = f"{title}: " + ", ".join(f"{r['key']} ({r.get(rank_by, 0):.3f})" for r in rows)
         parts.append(_figure(_data_uri(path.read_bytes()), caption))
     return parts
 
 
-def _generate_row(run_dir: Path, input_root: Path, row: dict) -> list[np.ndarray]:
+def _grid_cells(run_dir: Path, input_root: Path, rows: list[dict]) -> dict[str, list]:
+    """key -> [RGB, generated TIR, real TIR when there is one], reading each shard once."""
     from PIL import Image, ImageOps
 
-    sample = next(
-        s for s in shards.read_shard(run_dir / row["shard"]) if s["__key__"] == row["key"]
-    )
-    tir = np.asarray(Image.open(io.BytesIO(sample["tir.png"])))
-    shard, sep, key = row["source"].partition(":")
-    real = None
-    if sep and shard.endswith(".tar"):  # pair-shard input: RGB and the real TIR
-        pair = next(s for s in shards.read_shard(input_root / shard) if s["__key__"] == key)
-        rgb_bytes = next(v for k, v in pair.items() if k.startswith("rgb."))
-        real = shards.decode_tir(next(v for k, v in pair.items() if k.startswith("tir.")))
-        real = (real / 257).astype(np.uint8) if real.dtype == np.uint16 else real
-    else:
-        rgb_bytes = Path(row["source"]).read_bytes()
-    rgb = ImageOps.exif_transpose(Image.open(io.BytesIO(rgb_bytes))).convert("RGB")
-    return [np.asarray(rgb), tir] + ([real] if real is not None else [])
+    generated = _members(run_dir, {(r["shard"], r["key"]) for r in rows})
+    pairs = {}  # pair-shard input: "shard:key" sources hold the RGB and the real TIR
+    pair_sources = {tuple(r["source"].split(":", 1)) for r in rows if ".tar:" in r["source"]}
+    if pair_sources:
+        pairs = _members(input_root, pair_sources)
+    cells = {}
+    for row in rows:
+        tir = np.asarray(Image.open(io.BytesIO(generated[row["key"]]["tir.png"])))
+        pair = pairs.get(row["source"].partition(":")[2]) if ".tar:" in row["source"] else None
+        if pair is not None:
+            rgb_bytes = next(v for k, v in pair.items() if k.startswith("rgb."))
+            real = shards.decode_tir_8bit(next(v for k, v in pair.items() if k.startswith("tir.")))
+        else:
+            rgb_bytes, real = Path(row["source"]).read_bytes(), None
+        rgb = ImageOps.exif_transpose(Image.open(io.BytesIO(rgb_bytes))).convert("RGB")
+        cells[row["key"]] = [np.asarray(rgb), tir] + ([real] if real is not None else [])
+    return cells
+
+
+def _members(root: Path, wanted: set[tuple[str, str]]) -> dict[str, dict]:
+    """The samples (shard, key) in `wanted`, by key, reading each shard once."""
+    found = {}
+    for shard in sorted({shard for shard, _ in wanted}):
+        keys = {key for s, key in wanted if s == shard}
+        found.update(
+            {s["__key__"]: s for s in shards.read_shard(root / shard) if s["__key__"] in keys}
+        )
+    return found
 
 
 # ---- evaluate ----------------------------------------------------------------------------
@@ -470,11 +475,7 @@ def _paper_tables(paper: dict, results: dict) -> str:
 def _rejects(rejects: list[dict]) -> str:
     if not rejects:
         return "<h2>Rejects</h2><p>None.</p>"
-    counts: dict[str, int] = {}
-    for row in rejects:
-        kind = shards.reason_kind(row["reason"])
-        counts[kind] = counts.get(kind, 0) + 1
-    rows = sorted(counts.items(), key=lambda item: -item[1])
+    rows = shards.rejects_by_reason(rejects).most_common()
     return "<h2>Rejects by reason</h2>" + _table(["reason", "count"], rows)
 
 

@@ -89,6 +89,20 @@ def decode_tir(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
+def decode_tir_8bit(data: bytes) -> np.ndarray:
+    """A TIR image as (H, W) uint8: 16-bit TIR is scaled (65535 / 255 = 257) and rounded,
+    so metrics compare it on the same 8-bit scale as generated images."""
+    pixels = decode_tir(data)
+    if pixels.dtype == np.uint16:
+        return (pixels / 257).round().astype(np.uint8)
+    return pixels
+
+
+def rejects_by_reason(rejects: list[dict[str, Any]]) -> Counter:
+    """How many rejects of each kind (the reason's text before any ':')."""
+    return Counter(reason_kind(r["reason"]) for r in rejects)
+
+
 def write_table(path: Path, rows: list[dict[str, Any]] | pa.Table) -> None:
     """Write a Parquet table atomically."""
     if not isinstance(rows, pa.Table):
@@ -150,7 +164,7 @@ def summarize(root: str | Path) -> dict[str, Any]:
         "by_daynight": dict(Counter(r["daynight"] for r in rows)),
         "by_dataset_daynight": dict(Counter(f"{r['dataset']}/{r['daynight']}" for r in rows)),
         "rejects": len(rejects),
-        "rejects_by_reason": dict(Counter(reason_kind(r["reason"]) for r in rejects)),
+        "rejects_by_reason": dict(rejects_by_reason(rejects)),
     }
 
 
