@@ -32,6 +32,23 @@ def test_help(command):
     assert "Usage:" in result.output
 
 
+def test_bench_ingest_prints_pairs_per_second_and_the_ratio_to_the_floor(tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "ingest", str(SAMPLE / "roadscene"), "--repeat", "2", "--scratch", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    rows = {}
+    for line in result.stdout.splitlines():  # without the progress bars on stderr
+        if line.split()[:1] in (["x1"], ["x2"]):
+            name, pairs, floor, ingest_s, pairs_per_s, ratio = line.split()
+            rows[name] = (int(pairs), float(floor), float(ingest_s), float(ratio))
+    assert [rows[n][0] for n in ("x1", "x2")] == [8, 16]
+    for _, floor, ingest_s, ratio in rows.values():
+        assert ingest_s > 0 and abs(ratio - floor / ingest_s) < 0.02
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is cleaned up
+
+
 def test_ingest_and_info_on_the_built_in_sample(tmp_path):
     runner = CliRunner()
     out = tmp_path / "data"

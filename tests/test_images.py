@@ -1,4 +1,5 @@
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -121,6 +122,104 @@ def test_full_verify_catches_corruption_that_keeps_the_end_marker(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(images.ImageRejected):
         images.read_image(path, "rgb", verify="full", max_pixels=LIMIT)
+
+
+def _variant(name: str) -> bytes:
+    """Encoded images around the edges of `images.sniff_header`'s fast path."""
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 1
+    buffer = io.BytesIO()
+    options = {
+        "jpeg-rgb": ("RGB", "JPEG", {}),
+        "jpeg-gray": ("L", "JPEG", {}),
+        "jpeg-progressive": ("RGB", "JPEG", {"progressive": True}),
+        "jpeg-16bit-tables": ("RGB", "JPEG", {"qtables": [[300] * 64]}),
+        "jpeg-exif": ("RGB", "JPEG", {"exif": exif.tobytes()}),
+        "jpeg-icc": ("RGB", "JPEG", {"icc_profile": b"\0" * 200}),
+        "jpeg-cmyk": ("CMYK", "JPEG", {}),
+        "png-rgb": ("RGB", "PNG", {}),
+        "png-gray": ("L", "PNG", {}),
+        "png-interlaced": ("RGB", "PNG", {"interlace": 1}),
+        "png-exif": ("RGB", "PNG", {"exif": exif.tobytes()}),
+        "png-palette": ("P", "PNG", {}),
+        "png-rgba": ("RGBA", "PNG", {}),
+        "png-gray-alpha": ("LA", "PNG", {}),
+    }
+    if name == "png-16bit":
+        Image.fromarray(np.arange(48 * 32, dtype=np.uint16).reshape(32, 48)).save(buffer, "PNG")
+        return buffer.getvalue()
+    mode, fmt, kwargs = options[name]
+    gradient(mode).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+FAST = ["jpeg-rgb", "jpeg-gray", "jpeg-progressive", "jpeg-16bit-tables"]
+FAST += ["png-rgb", "png-gray", "png-interlaced", "png-16bit"]
+DEFERRED = ["jpeg-exif", "jpeg-icc", "jpeg-cmyk", "png-exif", "png-palette", "png-rgba"]
+DEFERRED += ["png-gray-alpha"]
+
+
+@pytest.mark.parametrize("name", FAST + DEFERRED)
+def test_header_fast_path_reports_what_pillow_reports_or_defers(name, tmp_path, monkeypatch):
+    data = _variant(name)
+    header = images.sniff_header(data)
+    assert (header is not None) == (name in FAST)
+    if header is not None:
+        image = Image.open(io.BytesIO(data))
+        assert (header.format, header.width, header.height, header.mode) == (
+            image.format,
+            image.width,
+            image.height,
+            image.mode,
+        )
+    # Whichever path reads it, ingest stores the same thing.
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    role = "tir" if name == "png-16bit" else "rgb"
+    fast = images.read_image(path, role, max_pixels=LIMIT)
+    monkeypatch.setattr(images, "sniff_header", lambda data: None)
+    assert images.read_image(path, role, max_pixels=LIMIT) == fast
+
+
+def _damaged(name: str) -> bytes:
+    jpeg, png = _variant("jpeg-rgb"), _variant("png-rgb")
+    if name == "jpeg-short-table":  # a quantisation table segment cut to 30 bytes
+        start = jpeg.index(b"\xff\xdb")
+        return jpeg[:start] + b"\xff\xdb\x00\x20" + b"\x00" * 30 + jpeg[start:]
+    if name == "jpeg-short-jfif":
+        return b"\xff\xd8\xff\xe0\x00\x06JFIF" + jpeg[2:]
+    if name == "jpeg-12-bit":
+        start = jpeg.index(b"\xff\xc0")
+        return jpeg[: start + 4] + b"\x0c" + jpeg[start + 5 :]
+    if name == "jpeg-segment-past-end":
+        return jpeg[:2] + b"\xff\xe0\xff\xff" + jpeg[6:200]
+    if name == "png-bad-header-crc":
+        return png[:29] + bytes([png[29] ^ 1]) + png[30:]
+    if name == "png-bad-chunk-name":
+        start = png.index(b"IDAT") - 4
+        chunk = b"\x00\x00\x00\x01" + b"a-b!" + b"x"
+        return png[:start] + chunk + zlib.crc32(b"a-b!x").to_bytes(4, "big") + png[start:]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "jpeg-short-table",
+        "jpeg-short-jfif",
+        "jpeg-12-bit",
+        "jpeg-segment-past-end",
+        "png-bad-header-crc",
+        "png-bad-chunk-name",
+    ],
+)
+def test_irregular_headers_are_left_to_pillow(name, tmp_path):
+    data = _damaged(name)
+    assert images.sniff_header(data) is None
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    with pytest.raises(images.ImageRejected):
+        images.read_image(path, "rgb", max_pixels=LIMIT)
 
 
 def test_daynight_estimate_reads_the_sky():

@@ -1,5 +1,6 @@
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -32,6 +33,23 @@ def test_write_then_read_round_trip(tmp_path):
     loaded = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [json.loads(s["json"])["i"] for s in loaded] == list(range(5))
     assert [p.name for p in tmp_path.iterdir()] == ["train-000000.tar"]  # no temp left
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 40])
+def test_shards_are_byte_identical_to_tarfile_archives(tmp_path, count):
+    # Member names around the header's 100-byte name field, and a GNU long name.
+    edge = [{"__key__": "n" * n, "json": b"x" * n} for n in (93, 94, 95, 96, 160)]
+    written = samples(count) + edge
+    shards.write_shard(tmp_path / "s.tar", written)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for sample in written:
+            for member, data in sample.items():
+                if member != "__key__":
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{member}")
+                    info.size, info.mode, info.mtime = len(data), 0o644, 0
+                    tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "s.tar").read_bytes() == expected.getvalue()
 
 
 def test_keys_with_dots_are_refused(tmp_path):

@@ -20,20 +20,27 @@ TRIALS = 3
 
 
 def bench_ingest(
-    sources: list[str], meta: str | None, repeat: int = 1, workers: int = 0
+    sources: list[str],
+    meta: str | None,
+    repeat: int = 1,
+    workers: int = 0,
+    scratch_root: str | None = None,
 ) -> Iterator[str]:
     """Ingest pairs/s against the floor (reading and hashing the same files once, one core).
 
     Each figure is the best of TRIALS runs with a warm page cache, floor and ingest
-    alternating so that drift on a shared machine hits both alike.
+    alternating so that drift on a shared machine hits both alike. Outputs go to a
+    temporary folder under `scratch_root` (default: the system's temporary folder).
     """
-    yield f"{'corpus':<14}{'pairs':>7}{'floor s':>10}{'ingest s':>10}{'pairs/s':>10}{'ratio':>8}"
-    with tempfile.TemporaryDirectory(prefix="tirsynth-bench-") as scratch:
-        corpora = [("shared x1", sources, meta)]
+    if scratch_root is not None:
+        Path(scratch_root).mkdir(parents=True, exist_ok=True)
+    yield f"{'input':<10}{'pairs':>7}{'floor s':>11}{'ingest s':>11}{'pairs/s':>10}{'ratio':>8}"
+    with tempfile.TemporaryDirectory(prefix="tirsynth-bench-", dir=scratch_root) as scratch:
+        corpora = [("x1", sources, meta)]
         if repeat > 1:
             corpora.append(
                 (
-                    f"shared x{repeat}",
+                    f"x{repeat}",
                     *_repeat_corpus(sources, meta, repeat, Path(scratch) / "corpus"),
                 )
             )
@@ -42,7 +49,7 @@ def bench_ingest(
             floors, runs = [], []
             for trial in range(TRIALS):
                 floors.append(_time(lambda files=files: _read_and_hash(files)))
-                out = Path(scratch) / f"out-{name.replace(' ', '')}-{trial}"
+                out = Path(scratch) / f"out-{name}-{trial}"
                 cfg = IngestConfig(
                     sources=tuple(corpus_sources), meta=corpus_meta, out=str(out), workers=workers
                 )
@@ -51,9 +58,11 @@ def bench_ingest(
                 shutil.rmtree(out)
             floor, best = min(floors), min(runs)
             yield (
-                f"{name:<14}{pairs:>7}{floor:>10.3f}{best:>10.3f}{pairs / best:>10.1f}"
+                f"{name:<10}{pairs:>7}{floor:>11.4g}{best:>11.4g}{pairs / best:>10.1f}"
                 f"{floor / best:>8.2f}"
             )
+    if repeat > 1:
+        yield f"input x{repeat} = the input copied {repeat} times under other names"
     yield (
         f"ratio = floor / ingest time (1.0 = as fast as reading and hashing once); "
         f"{os.cpu_count()} cores"

@@ -102,7 +102,11 @@ def cli() -> None:
     help="fast: check headers and end markers (default); full: decode every pixel.",
 )
 @click.option("--max-pixels", type=click.IntRange(min=1), help="Decompression-bomb limit.")
-@click.option("--workers", type=click.IntRange(min=0), help="Processes (0: all cores).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    help="Processes (0: all cores, fewer for small jobs).",
+)
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different ingest in OUT.")
 @click.option(
     "--strict", is_flag=True, default=None, help="Exit non-zero if anything was rejected."
@@ -395,7 +399,7 @@ def bench() -> None:
 
 
 @bench.command("ingest")
-@click.argument("sources", nargs=-1, type=click.Path(exists=True))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--meta", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--repeat",
@@ -405,11 +409,20 @@ def bench() -> None:
     help="Also measure a corpus this many times larger (copies under other names).",
 )
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0))
-def bench_ingest(sources, meta, repeat, workers) -> None:
+@click.option(
+    "--scratch",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the ingest outputs (and copies) go, in a temporary folder: the disk ingest "
+    "writes to, not /tmp, which can be a different file system.",
+)
+def bench_ingest(sources, meta, repeat, workers, scratch) -> None:
     """Pairs/s of ingest against the floor: reading and hashing the same files once."""
     from tirsynth import bench as bench_module
 
-    for line in bench_module.bench_ingest(list(sources), meta, repeat, workers):
+    lines = bench_module.bench_ingest(list(sources), meta, repeat, workers, scratch)
+    for line in lines:
         click.echo(line)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,15 @@ KEPT_MODES = {
 EXIF_ORIENTATION = 0x0112
 JPEG_END = b"\xff\xd9"
 PNG_END = b"IEND\xaeB`\x82"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The header fast path (`sniff_header`): baseline, extended and progressive Huffman JPEG
+# frames; segments that cannot change size, mode, frames or orientation (JFIF/JFXX APP0,
+# quantisation and Huffman tables, restart interval, comments); PNG bit depth and colour
+# type -> Pillow mode; PNG chunks that can change frames or orientation.
+JPEG_PLAIN_SOF = {0xC0, 0xC1, 0xC2}
+JPEG_PLAIN_SEGMENTS = {0xE0, 0xDB, 0xC4, 0xDD, 0xFE}
+PNG_PLAIN_MODES = {(8, 0): "L", (16, 0): "I;16", (8, 2): "RGB"}
+PNG_DEFERRED_CHUNKS = {b"eXIf", b"acTL", b"fcTL", b"fdAT"}
 # Day/night: mean 8-bit luma of the image's top third (mostly sky) below this means night.
 # RoadScene brightens its night RGB, which fools whole-image brightness but not a dark sky:
 # 98.8% agreement with our 171 hand labels; LLVIP's night skies sit near 30.
@@ -77,12 +87,23 @@ def read_image(
         ImageRejected: with the reason, for any input that cannot be stored.
     """
     try:
-        data = Path(path).read_bytes()
+        # Unbuffered: a buffered open adds a tty check and a seek to every file.
+        with open(path, "rb", buffering=0) as handle:
+            data = handle.read()
     except OSError as err:
         raise ImageRejected(f"unreadable file: {err.strerror or err}") from err
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     source_sha256 = hashlib.sha256(data).hexdigest()
+    header = sniff_header(data) if verify == "fast" else None
+    if (
+        header is not None
+        and header.mode in KEPT_MODES[role]
+        and header.width * header.height <= max_pixels
+        and _has_end_marker(data, header.format)
+    ):
+        ext = KEPT_FORMATS[header.format]
+        return StoredImage(data, ext, header.width, header.height, header.mode, source_sha256, "")
     image = open_image(data, max_pixels)
     orientation = exif_orientation(image)
     keep = image.format in KEPT_FORMATS and image.mode in KEPT_MODES[role] and orientation == 1
@@ -99,6 +120,92 @@ def read_image(
             "",
         )
     return convert_to_png(image, role, source_sha256, orientation)
+
+
+@dataclass(frozen=True)
+class Header:
+    format: str  # Pillow's format name
+    width: int
+    height: int
+    mode: str  # the mode Pillow opens the image in
+
+
+def sniff_header(data: bytes) -> Header | None:
+    """Format, size and mode of a plain 8-bit JPEG or an 8/16-bit gray or RGB PNG, as Pillow
+    would report them, read from the first segments.
+
+    Pillow parses every header segment in Python, as long as reading and hashing the file;
+    ingest only needs these four facts for the common case. Anything outside it (EXIF,
+    which may rotate; ICC, MPO and Adobe segments; other JPEG codings, bit depths, layer
+    counts or PNG colour types; animation; a bad chunk CRC; any irregular structure) gives
+    None, and Pillow decides.
+    """
+    if data.startswith(b"\xff\xd8\xff"):
+        return _sniff_jpeg(data)
+    if data.startswith(PNG_SIGNATURE):
+        return _sniff_png(data)
+    return None
+
+
+def _sniff_jpeg(data: bytes) -> Header | None:
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
+        if length < 2 or pos + 2 + length > len(data):
+            return None
+        if marker in JPEG_PLAIN_SOF:
+            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
+                return None
+            height = int.from_bytes(segment[1:3], "big")
+            width = int.from_bytes(segment[3:5], "big")
+            if not width or not height:
+                return None
+            return Header("JPEG", width, height, "L" if segment[5] == 1 else "RGB")
+        if marker not in JPEG_PLAIN_SEGMENTS or not _plain_jpeg_segment(marker, segment):
+            return None
+        pos += 2 + length
+    return None
+
+
+def _plain_jpeg_segment(marker: int, segment: bytes) -> bool:
+    # What Pillow's segment readers would refuse: a JFIF header too short for its version,
+    # a quantisation table cut short.
+    if marker == 0xE0:
+        return not segment.startswith(b"JFIF") or len(segment) >= 7
+    if marker == 0xDB:
+        while segment:
+            table_length = 1 + 64 * (1 if segment[0] < 16 else 2)
+            if len(segment) < table_length:
+                return False
+            segment = segment[table_length:]
+    return True
+
+
+def _sniff_png(data: bytes) -> Header | None:
+    pos, header = len(PNG_SIGNATURE), None
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        end = pos + 12 + length
+        if end > len(data) or not kind.isalpha() or kind in PNG_DEFERRED_CHUNKS:
+            return None
+        if kind == b"IDAT":
+            return header
+        if zlib.crc32(kind + body) != int.from_bytes(data[end - 4 : end], "big"):
+            return None
+        if kind == b"IHDR":
+            if length != 13 or pos != len(PNG_SIGNATURE):
+                return None
+            width, height = int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big")
+            mode = PNG_PLAIN_MODES.get((body[8], body[9]))
+            if mode is None or body[10] or body[11] or body[12] > 1 or not width or not height:
+                return None
+            header = Header("PNG", width, height, mode)
+        elif header is None:
+            return None
+        pos = end
+    return None
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

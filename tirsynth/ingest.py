@@ -15,10 +15,12 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from tirsynth import __version__, images, layouts, shards
@@ -26,6 +28,7 @@ from tirsynth.config import IngestConfig, to_dict
 from tirsynth.layouts import PairSource, Reject
 
 LOCK = ".ingest.lock"
+MIN_PAIRS_PER_WORKER = 150
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
@@ -79,7 +82,8 @@ def run(cfg: IngestConfig) -> IngestResult:
         reject_rows = [reject_row(r) for r in rejects]
         shards.write_rejects(out, reject_rows)
         added = write_pending(out, index, pending, cfg, reject_rows)
-        manifest.update(status="complete", counts=shards.summarize(out))
+        counts = shards.count_pairs(out, index, reject_rows, "complete")
+        manifest.update(status="complete", counts=counts)
         shards.write_json(out / shards.MANIFEST, manifest)
     return IngestResult(out, added, len(index), reject_rows, meta_unmatched)
 
@@ -189,14 +193,19 @@ def write_pending(
 ) -> int:
     """Convert pending pairs in shard-sized tasks, appending their rows to `index` and
     committing finished shards; returns the number of pairs added."""
-    workers = cfg.workers or os.cpu_count() or 1
-    tasks = list(plan_tasks(out, pending, cfg.shard_size, workers))
+    # Starting worker processes costs about as much as converting MIN_PAIRS_PER_WORKER
+    # pairs: with workers=0 (all cores) small jobs use fewer, or none.
+    workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(pending) // MIN_PAIRS_PER_WORKER))
+    # Largest first, so that the last tasks to finish are small and no worker idles long.
+    tasks = sorted(plan_tasks(out, pending, cfg.shard_size, workers), key=lambda t: -len(t.pairs))
     added, uncommitted, last_commit = 0, 0, time.monotonic()
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
-    with tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar:
-        for rows, rejected in _map(write_task, [(t, options) for t in tasks], workers):
-            shard_bytes = shards.file_size(out / rows[0]["shard"]) if rows else 0
-            index += [{**row, "shard_bytes": shard_bytes} for row in rows]
+    with (
+        tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar,
+        _pool_map(write_task, [(t, options) for t in tasks], workers) as results,
+    ):
+        for rows, rejected in results:
+            index += rows
             reject_rows += rejected
             added += len(rows)
             uncommitted += 1
@@ -204,8 +213,8 @@ def write_pending(
             if time.monotonic() - last_commit >= cfg.commit_seconds:
                 commit(out, index, reject_rows)
                 uncommitted, last_commit = 0, time.monotonic()
-    if uncommitted:
-        commit(out, index, reject_rows)
+        if uncommitted:  # while the workers exit
+            commit(out, index, reject_rows)
     return added
 
 
@@ -235,19 +244,26 @@ def plan_tasks(
 def write_task(args: tuple[ShardTask, dict]) -> tuple[list[dict], list[dict]]:
     """Worker: read, check and convert one task's pairs, then write its shard."""
     task, options = args
-    samples, rows, rejected = [], [], []
-    for pair in task.pairs:
-        try:
-            sample, row = build_sample(pair, task.path.name, options)
-        except images.ImageRejected as err:
-            src = pair.source
-            rejected.append(reject_row(Reject(src.dataset, str(err), src.key, src.rgb, src.tir)))
-            continue
-        samples.append(sample)
-        rows.append(row)
-    if samples:
-        shards.write_shard(task.path, samples)
-    return rows, rejected
+    rows, rejected = [], []
+
+    def samples() -> Iterator[dict]:
+        # Streamed into the tar one pair at a time: holding a whole shard's bytes makes
+        # the worker fault in fresh memory for every shard.
+        for pair in task.pairs:
+            try:
+                sample, row = build_sample(pair, task.path.name, options)
+            except images.ImageRejected as err:
+                src = pair.source
+                reject = Reject(src.dataset, str(err), src.key, src.rgb, src.tir)
+                rejected.append(reject_row(reject))
+                continue
+            rows.append(row)
+            yield sample
+
+    if not shards.write_shard(task.path, samples()):
+        task.path.unlink()  # every pair was rejected
+    shard_bytes = shards.file_size(task.path) if rows else 0
+    return [{**row, "shard_bytes": shard_bytes} for row in rows], rejected
 
 
 def build_sample(pair: PlannedPair, shard: str, options: dict) -> tuple[dict, dict]:
@@ -354,11 +370,24 @@ def _read_side(path: str, role: str, options: dict) -> images.StoredImage:
         raise images.ImageRejected(f"{role.upper()} {err}") from err
 
 
-def _map(function, items: list, workers: int):
-    """Map over a process pool, yielding results as they finish (in-process for one)."""
+@contextmanager
+def _pool_map(function, items: list, workers: int) -> Iterator[Iterator]:
+    """Results of `function` over `items` from a process pool, as they finish
+    (in-process for one worker or one item)."""
     if workers <= 1 or len(items) <= 1:
-        yield from map(function, items)
+        yield map(function, items)
         return
-    # fork: workers inherit imports and the ingest lock (held until the last one exits).
-    with multiprocessing.get_context("fork").Pool(min(workers, len(items))) as pool:
-        yield from pool.imap_unordered(function, items)
+    # Pillow loads its format plugins on first use: load them once here, not in each worker.
+    Image.preinit()
+    # fork: workers inherit imports and the ingest lock (held until the last one exits, so
+    # the pool is joined before the caller lets go of the lock).
+    pool = multiprocessing.get_context("fork").Pool(min(workers, len(items)))
+    try:
+        results = pool.imap_unordered(function, items)
+        pool.close()  # every task is queued: each worker exits once the queue is empty
+        yield results
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()

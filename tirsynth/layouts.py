@@ -286,15 +286,17 @@ def _images_by_stem(folder: Path, dataset: str, side: str) -> tuple[dict[str, st
     rejects = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        # One relpath per folder, not per file: it dominates listing large corpora.
+        rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        folder_prefix = os.path.join(dirpath, "")
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            stem, suffix = os.path.splitext(rel)
+            stem, suffix = os.path.splitext(name)
             if suffix.lower() not in IMAGE_SUFFIXES:
                 reason = f"not an image file (extension {suffix or 'none'!r})"
-                rejects.append(Reject(dataset, reason, **{side: path}))
+                rejects.append(Reject(dataset, reason, **{side: folder_prefix + name}))
                 continue
-            by_stem[stem].append(path)
+            by_stem[prefix + stem].append(folder_prefix + name)
     files = {}
     for stem, paths in by_stem.items():
         if len(paths) == 1:
