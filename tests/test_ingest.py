@@ -36,6 +36,7 @@ def assert_consistent(out: Path) -> list[dict]:
     samples = stored_samples(out)
     assert len(index) == len({r["key"] for r in index})
     assert {r["key"]: r["shard"] for r in index} == {k: s["shard"] for k, s in samples.items()}
+    assert {p.name for p in out.glob("*.tar")} == {r["shard"] for r in index}  # none stray
     return index
 
 
@@ -80,7 +81,8 @@ def test_stored_pixels_equal_the_sources(tmp_path, roadscene_dir):
         assert np.array_equal(tir, np.asarray(Image.open(record["tir_path"]).convert("L")))
 
 
-def test_every_bad_input_is_rejected_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "process-pool"])
+def test_every_bad_input_is_rejected_and_the_run_goes_on(tmp_path, workers):
     root = tmp_path / "pairs"
     rgb_dir, tir_dir = root / "rgb", root / "tir"
     good = ["plain", "with space", "ünïcode", "sub/plain"]  # sub/plain: same name elsewhere
@@ -110,7 +112,12 @@ def test_every_bad_input_is_rejected_and_the_run_goes_on(tmp_path):
 
     result = ingest.run(
         IngestConfig(
-            rgb_dir=str(rgb_dir), tir_dir=str(tir_dir), out=str(tmp_path / "out"), max_pixels=50_000
+            rgb_dir=str(rgb_dir),
+            tir_dir=str(tir_dir),
+            out=str(tmp_path / "out"),
+            max_pixels=50_000,
+            workers=workers,
+            shard_size=2,  # several tasks, some of only rejected pairs
         )
     )
     index = assert_consistent(tmp_path / "out")
