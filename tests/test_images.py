@@ -193,6 +193,10 @@ def _damaged(name: str) -> bytes:
         return jpeg[: start + 4] + b"\x0c" + jpeg[start + 5 :]
     if name == "jpeg-segment-past-end":
         return jpeg[:2] + b"\xff\xe0\xff\xff" + jpeg[6:200]
+    if name == "jpeg-second-frame":
+        start = jpeg.index(b"\xff\xc0")
+        frame = jpeg[start : start + 2 + int.from_bytes(jpeg[start + 2 : start + 4], "big")]
+        return jpeg[:start] + frame + jpeg[start:]
     if name == "png-bad-header-crc":
         return png[:29] + bytes([png[29] ^ 1]) + png[30:]
     if name == "png-bad-chunk-name":
@@ -203,23 +207,41 @@ def _damaged(name: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "name",
+    "name,pillow_refuses",
     [
-        "jpeg-short-table",
-        "jpeg-short-jfif",
-        "jpeg-12-bit",
-        "jpeg-segment-past-end",
-        "png-bad-header-crc",
-        "png-bad-chunk-name",
+        ("jpeg-short-table", True),
+        ("jpeg-short-jfif", True),
+        ("jpeg-12-bit", True),
+        ("jpeg-segment-past-end", True),
+        ("jpeg-second-frame", False),
+        ("png-bad-header-crc", True),
+        ("png-bad-chunk-name", True),
     ],
 )
-def test_irregular_headers_are_left_to_pillow(name, tmp_path):
+def test_irregular_headers_are_left_to_pillow(name, pillow_refuses, tmp_path):
     data = _damaged(name)
     assert images.sniff_header(data) is None
     path = tmp_path / "image"
     path.write_bytes(data)
-    with pytest.raises(images.ImageRejected):
+    if pillow_refuses:
+        with pytest.raises(images.ImageRejected):
+            images.read_image(path, "rgb", max_pixels=LIMIT)
+    else:
         images.read_image(path, "rgb", max_pixels=LIMIT)
+
+
+def test_exif_after_the_frame_header_still_rotates(tmp_path):
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6
+    segment = b"Exif\0\0" + exif.tobytes()
+    app1 = b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+    jpeg = _variant("jpeg-rgb")
+    scan = jpeg.index(b"\xff\xda")  # EXIF between the frame header and the scan
+    path = tmp_path / "late-exif.jpg"
+    path.write_bytes(jpeg[:scan] + app1 + jpeg[scan:])
+    assert images.sniff_header(path.read_bytes()) is None
+    stored = images.read_image(path, "rgb", max_pixels=LIMIT)
+    assert (stored.width, stored.height) == (32, 48) and "exif-orientation-6" in stored.conversion
 
 
 def test_daynight_estimate_reads_the_sky():

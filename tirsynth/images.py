@@ -36,6 +36,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # quantisation and Huffman tables, restart interval, comments); PNG bit depth and colour
 # type -> Pillow mode; PNG chunks that can change frames or orientation.
 JPEG_PLAIN_SOF = {0xC0, 0xC1, 0xC2}
+JPEG_START_OF_SCAN = 0xDA
 JPEG_PLAIN_SEGMENTS = {0xE0, 0xDB, 0xC4, 0xDD, 0xFE}
 PNG_PLAIN_MODES = {(8, 0): "L", (16, 0): "I;16", (8, 2): "RGB"}
 PNG_DEFERRED_CHUNKS = {b"eXIf", b"acTL", b"fcTL", b"fdAT"}
@@ -148,21 +149,26 @@ def sniff_header(data: bytes) -> Header | None:
 
 
 def _sniff_jpeg(data: bytes) -> Header | None:
-    pos = 2
+    # Every segment up to the start of scan, as Pillow reads them: a segment after the
+    # frame header (EXIF placed late, a second frame) matters as much as one before it.
+    pos, header = 2, None
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
         segment = data[pos + 4 : pos + 2 + length]
         if length < 2 or pos + 2 + length > len(data):
             return None
+        if marker == JPEG_START_OF_SCAN:
+            return header
         if marker in JPEG_PLAIN_SOF:
-            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
+            if header is not None or len(segment) < 6 or segment[0] != 8:
                 return None
             height = int.from_bytes(segment[1:3], "big")
             width = int.from_bytes(segment[3:5], "big")
-            if not width or not height:
+            mode = {1: "L", 3: "RGB"}.get(segment[5])
+            if mode is None or not width or not height:
                 return None
-            return Header("JPEG", width, height, "L" if segment[5] == 1 else "RGB")
-        if marker not in JPEG_PLAIN_SEGMENTS or not _plain_jpeg_segment(marker, segment):
+            header = Header("JPEG", width, height, mode)
+        elif marker not in JPEG_PLAIN_SEGMENTS or not _plain_jpeg_segment(marker, segment):
             return None
         pos += 2 + length
     return None
