@@ -80,7 +80,6 @@ def run(cfg: IngestConfig) -> IngestResult:
         manifest = build_manifest(cfg, inputs, fingerprint, meta_unmatched, status="incomplete")
         shards.write_json(out / shards.MANIFEST, manifest)
         reject_rows = [reject_row(r) for r in rejects]
-        shards.write_rejects(out, reject_rows)
         added = write_pending(out, index, pending, cfg, reject_rows)
         counts = shards.count_pairs(out, index, reject_rows, "complete")
         manifest.update(status="complete", counts=counts)
@@ -192,7 +191,8 @@ def write_pending(
     reject_rows: list[dict],
 ) -> int:
     """Convert pending pairs in shard-sized tasks, appending their rows to `index` and
-    committing finished shards; returns the number of pairs added."""
+    committing finished shards (and the rejects, at least once); returns the number of
+    pairs added."""
     # Starting worker processes costs about as much as converting MIN_PAIRS_PER_WORKER
     # pairs: with workers=0 (all cores) small jobs use fewer, or none.
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(pending) // MIN_PAIRS_PER_WORKER))
@@ -213,7 +213,7 @@ def write_pending(
             if time.monotonic() - last_commit >= cfg.commit_seconds:
                 commit(out, index, reject_rows)
                 uncommitted, last_commit = 0, time.monotonic()
-        if uncommitted:  # while the workers exit
+        if uncommitted or not tasks:  # while the workers exit
             commit(out, index, reject_rows)
     return added
 
@@ -230,7 +230,8 @@ def plan_tasks(
 ) -> Iterator[ShardTask]:
     """Group pending pairs by split into shards numbered after the existing ones."""
     # Smaller shards when there is little to do, so that every worker gets some.
-    size = max(1, min(shard_size, math.ceil(len(pending) / (4 * workers))))
+    per_worker = 4 if workers > 1 else 1
+    size = max(1, min(shard_size, math.ceil(len(pending) / (per_worker * workers))))
     for split in sorted({p.split for p in pending}):
         todo = [p for p in pending if p.split == split]
         number = shards.next_shard_number(out, split)
