@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -124,10 +126,8 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
         return
-    try:
+    with user_errors():
         result = ingest_stage.run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     _print_ingest_summary(result)
     if result.pairs == 0 or (cfg.strict and result.rejects):
         sys.exit(1)
@@ -192,10 +192,8 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
         return
-    try:
+    with user_errors(train_stage.TrainingDiverged):
         result = train_stage.run(cfg, data, out, resume=resume, workers=workers, address=address)
-    except (ValueError, FileNotFoundError, FileExistsError, train_stage.TrainingDiverged) as err:
-        raise click.ClickException(str(err)) from err
     val = result.val
     scores = f"; val SSIM {val['ssim']:.4f}, PSNR {val['psnr']:.2f}" if val else ""
     click.echo(f"trained {result.step} steps ({result.epoch} epochs){scores}")
@@ -249,10 +247,8 @@ def generate(input_, overrides, dry_run, **flags) -> None:
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
         return
-    try:
+    with user_errors():
         result = generate_stage.run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     overall = result.report["overall"]
     scores = ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if v is not None)
     click.echo(
@@ -273,10 +269,8 @@ def export(generated, to) -> None:
     """Write a generate run's outputs as a folder tree mirroring its input, labels beside."""
     from tirsynth import export as export_stage
 
-    try:
+    with user_errors():
         count = export_stage.run(generated, to)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"exported {count} images to {to}")
 
 
@@ -313,10 +307,8 @@ def evaluate(overrides, **flags) -> None:
 
     given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v not in (None, ())]
     cfg = _load(None, EvaluateConfig, [*given, *overrides])
-    try:
+    with user_errors():
         result = evaluate_stage.run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"{'model':<24}{'SSIM':>8}{'PSNR':>8}  by day/night (SSIM)")
     for name, scores in result.results.items():
         overall = scores["overall"]
@@ -331,10 +323,8 @@ def report(run_dir) -> None:
     """Rebuild RUN_DIR/report.html (a train, generate or evaluate run) from its files."""
     from tirsynth.report import write_report
 
-    try:
+    with user_errors():
         click.echo(f"report: {write_report(run_dir)}")
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
 
 
 @cli.group()
@@ -363,10 +353,8 @@ def pipeline_run(path, variables) -> None:
         if not sep:
             raise click.UsageError(f"--var {item!r} is not NAME=VALUE")
         values[name.strip()] = yaml.safe_load(raw)
-    try:
+    with user_errors():
         outputs = pipeline_module.run(path, values)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     last = list(outputs.values())[-1]
     final = last if last.suffix == ".html" else last / "report.html"
     click.echo(f"pipeline done; report: {final}")
@@ -489,9 +477,16 @@ def bench_generate(source, checkpoint, batch_size, precision, limit) -> None:
 
 
 def _load(path, cls, overrides):
-    try:
+    with user_errors():
         return load_config(path, cls, overrides)
-    except ValueError as err:
+
+
+@contextmanager
+def user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Errors a user can act on (bad input, missing or existing files) as a clean message."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, *extra) as err:
         raise click.ClickException(str(err)) from err
 
 
