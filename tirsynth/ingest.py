@@ -1,8 +1,9 @@
 """Paired RGB/TIR datasets in their published layouts -> pair shards (see `shards`).
 
-`run(cfg)` discovers pairs, tags split and day/night, converts them in a process pool
-(each worker writes whole shards) and commits each finished shard to `index.parquet`, so a
-killed run resumes where it stopped. Bad inputs land in `rejects.parquet` with a reason.
+`run(cfg)` discovers pairs, tags split and day/night, converts them in this process and
+forked workers (`parallel.fork_map`; each task writes a whole shard) and commits finished
+shards to `index.parquet`, so a killed run resumes where it stopped. Bad inputs land in
+`rejects.parquet` with a reason.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import csv
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,13 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, images, layouts, shards
+from tirsynth import __version__, images, layouts, parallel, shards
 from tirsynth.config import IngestConfig, to_dict
 from tirsynth.layouts import PairSource, Reject
 
 LOCK = ".ingest.lock"
-MIN_PAIRS_PER_WORKER = 150
+MIN_PAIRS_PER_WORKER = 60
+MIN_PAIRS_PER_TASK = 25
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
@@ -193,16 +193,19 @@ def write_pending(
     """Convert pending pairs in shard-sized tasks, appending their rows to `index` and
     committing finished shards (and the rejects, at least once); returns the number of
     pairs added."""
-    # Starting worker processes costs about as much as converting MIN_PAIRS_PER_WORKER
-    # pairs: with workers=0 (all cores) small jobs use fewer, or none.
+    # A forked worker costs about as much as converting MIN_PAIRS_PER_WORKER pairs (the
+    # fork, and the copy-on-write faults of both processes): with workers=0 (all cores)
+    # small jobs use fewer, or none.
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(pending) // MIN_PAIRS_PER_WORKER))
     # Largest first, so that the last tasks to finish are small and no worker idles long.
     tasks = sorted(plan_tasks(out, pending, cfg.shard_size, workers), key=lambda t: -len(t.pairs))
     added, uncommitted, last_commit = 0, 0, time.monotonic()
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
+    # Pillow loads its format plugins on first use: once here, not in each forked worker.
+    Image.preinit()
     with (
         tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar,
-        _pool_map(write_task, [(t, options) for t in tasks], workers) as results,
+        parallel.fork_map(write_task, [(t, options) for t in tasks], workers) as results,
     ):
         for rows, rejected in results:
             index += rows
@@ -229,17 +232,20 @@ def plan_tasks(
     out: Path, pending: list[PlannedPair], shard_size: int, workers: int
 ) -> Iterator[ShardTask]:
     """Group pending pairs by split into shards numbered after the existing ones."""
-    # Smaller shards when there is little to do, so that every worker gets some.
-    per_worker = 4 if workers > 1 else 1
-    size = max(1, min(shard_size, math.ceil(len(pending) / (per_worker * workers))))
+    # With several workers, about eight tasks each (so that they finish close together) of
+    # at least MIN_PAIRS_PER_TASK pairs (each is a shard file to create and rename).
+    size = len(pending) if workers == 1 else math.ceil(len(pending) / (8 * workers))
+    size = max(1, min(shard_size, max(MIN_PAIRS_PER_TASK, size)))
     for split in sorted({p.split for p in pending}):
         todo = [p for p in pending if p.split == split]
         number = shards.next_shard_number(out, split)
-        for start in range(0, len(todo), size):
-            yield ShardTask(
-                out / shards.shard_name(split, number), tuple(todo[start : start + size])
-            )
-            number += 1
+        # Every count-th pair rather than runs of neighbours: each task gets its share of
+        # every source (LLVIP's pairs are three times RoadScene's bytes), so that tasks of
+        # equal count take equal time.
+        count = math.ceil(len(todo) / size)
+        for offset in range(count):
+            path = out / shards.shard_name(split, number + offset)
+            yield ShardTask(path, tuple(todo[offset::count]))
 
 
 def write_task(args: tuple[ShardTask, dict]) -> tuple[list[dict], list[dict]]:
@@ -369,26 +375,3 @@ def _read_side(path: str, role: str, options: dict) -> images.StoredImage:
         )
     except images.ImageRejected as err:
         raise images.ImageRejected(f"{role.upper()} {err}") from err
-
-
-@contextmanager
-def _pool_map(function, items: list, workers: int) -> Iterator[Iterator]:
-    """Results of `function` over `items` from a process pool, as they finish
-    (in-process for one worker or one item)."""
-    if workers <= 1 or len(items) <= 1:
-        yield map(function, items)
-        return
-    # Pillow loads its format plugins on first use: load them once here, not in each worker.
-    Image.preinit()
-    # fork: workers inherit imports and the ingest lock (held until the last one exits, so
-    # the pool is joined before the caller lets go of the lock).
-    pool = multiprocessing.get_context("fork").Pool(min(workers, len(items)))
-    try:
-        results = pool.imap_unordered(function, items)
-        pool.close()  # every task is queued: each worker exits once the queue is empty
-        yield results
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
