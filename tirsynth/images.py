@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # type -> Pillow mode; PNG chunks that can change frames or orientation.
 JPEG_PLAIN_SOF = {0xC0, 0xC1, 0xC2}
 JPEG_START_OF_SCAN = 0xDA
+JPEG_SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, length (which counts itself)
+JPEG_FRAME = struct.Struct(">HHB")  # height, width, layers, after the precision byte
 JPEG_PLAIN_SEGMENTS = {0xE0, 0xDB, 0xC4, 0xDD, 0xFE}
 PNG_PLAIN_MODES = {(8, 0): "L", (16, 0): "I;16", (8, 2): "RGB"}
 PNG_DEFERRED_CHUNKS = {b"eXIf", b"acTL", b"fcTL", b"fdAT"}
@@ -151,40 +154,41 @@ def sniff_header(data: bytes) -> Header | None:
 def _sniff_jpeg(data: bytes) -> Header | None:
     # Every segment up to the start of scan, as Pillow reads them: a segment after the
     # frame header (EXIF placed late, a second frame) matters as much as one before it.
-    pos, header = 2, None
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
-        segment = data[pos + 4 : pos + 2 + length]
-        if length < 2 or pos + 2 + length > len(data):
+    # Read in place (unpack_from, no slices): this runs twice per pair.
+    pos, header, end = 2, None, len(data)
+    while pos + 4 <= end:
+        marker_byte, marker, length = JPEG_SEGMENT.unpack_from(data, pos)
+        stop = pos + 2 + length
+        if marker_byte != 0xFF or length < 2 or stop > end:
             return None
         if marker == JPEG_START_OF_SCAN:
             return header
         if marker in JPEG_PLAIN_SOF:
-            if header is not None or len(segment) < 6 or segment[0] != 8:
+            if header is not None or length < 8 or data[pos + 4] != 8:
                 return None
-            height = int.from_bytes(segment[1:3], "big")
-            width = int.from_bytes(segment[3:5], "big")
-            mode = {1: "L", 3: "RGB"}.get(segment[5])
+            height, width, layers = JPEG_FRAME.unpack_from(data, pos + 5)
+            mode = {1: "L", 3: "RGB"}.get(layers)
             if mode is None or not width or not height:
                 return None
             header = Header("JPEG", width, height, mode)
-        elif marker not in JPEG_PLAIN_SEGMENTS or not _plain_jpeg_segment(marker, segment):
+        elif marker not in JPEG_PLAIN_SEGMENTS or not _plain_jpeg_segment(
+            marker, data, pos + 4, stop
+        ):
             return None
-        pos += 2 + length
+        pos = stop
     return None
 
 
-def _plain_jpeg_segment(marker: int, segment: bytes) -> bool:
+def _plain_jpeg_segment(marker: int, data: bytes, start: int, stop: int) -> bool:
     # What Pillow's segment readers would refuse: a JFIF header too short for its version,
-    # a quantisation table cut short.
+    # a quantisation table cut short. The segment's body is data[start:stop].
     if marker == 0xE0:
-        return not segment.startswith(b"JFIF") or len(segment) >= 7
+        return not data.startswith(b"JFIF", start, stop) or stop - start >= 7
     if marker == 0xDB:
-        while segment:
-            table_length = 1 + 64 * (1 if segment[0] < 16 else 2)
-            if len(segment) < table_length:
+        while start < stop:
+            start += 1 + 64 * (1 if data[start] < 16 else 2)  # precision 0: 8-bit entries
+            if start > stop:
                 return False
-            segment = segment[table_length:]
     return True
 
 
