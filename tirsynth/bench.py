@@ -16,7 +16,7 @@ from pathlib import Path
 from tirsynth import ingest, layouts
 from tirsynth.config import IngestConfig, TrainConfig
 
-TRIALS = 3
+TRIALS = 5
 
 
 def bench_ingest(
