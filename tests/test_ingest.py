@@ -251,3 +251,38 @@ def test_killed_ingest_resumes_without_duplicates_or_gaps(tmp_path):
     assert len(index) == total
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert shards.read_manifest(out)["status"] == "complete"
+
+
+def test_commits_are_spaced_by_what_they_cost(tmp_path, monkeypatch):
+    # Every commit rewrites the whole index; at a fixed interval a large ingest would spend
+    # most of its time committing. A commit that takes 40 ms waits 10 times that.
+    rgb_dir, tir_dir = tmp_path / "rgb", tmp_path / "tir"
+    for i in range(40):
+        write_pair(rgb_dir / f"{i:03d}.png", tir_dir / f"{i:03d}.png", i)
+    commits, commit, write_task = [], ingest.commit, ingest.write_task
+
+    def slow_commit(*args):
+        time.sleep(0.04)
+        commits.append(time.monotonic())
+        commit(*args)
+
+    def slow_task(args):
+        time.sleep(0.01)
+        return write_task(args)
+
+    monkeypatch.setattr(ingest, "commit", slow_commit)
+    monkeypatch.setattr(ingest, "write_task", slow_task)
+    cfg = IngestConfig(
+        rgb_dir=str(rgb_dir),
+        tir_dir=str(tir_dir),
+        out=str(tmp_path / "out"),
+        shard_size=1,
+        workers=1,
+        commit_seconds=0,
+    )
+    ingest.run(cfg)
+    assert len(shards.read_index(tmp_path / "out")) == 40
+    # 40 tasks of 10 ms: a commit after each of them without the spacing.
+    assert 2 <= len(commits) <= 4
+    gaps = [b - a for a, b in zip(commits, commits[1:], strict=False)]
+    assert all(gap >= 0.4 for gap in gaps[:-1])  # the last one ends the run

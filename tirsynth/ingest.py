@@ -29,6 +29,7 @@ from tirsynth.layouts import PairSource, Reject
 LOCK = ".ingest.lock"
 MIN_PAIRS_PER_WORKER = 60
 MIN_PAIRS_PER_TASK = 25
+COMMIT_SHARE = 0.1  # of a run's time, at most, spent rewriting the index
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
@@ -199,7 +200,7 @@ def write_pending(
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(pending) // MIN_PAIRS_PER_WORKER))
     # Largest first, so that the last tasks to finish are small and no worker idles long.
     tasks = sorted(plan_tasks(out, pending, cfg.shard_size, workers), key=lambda t: -len(t.pairs))
-    added, uncommitted, last_commit = 0, 0, time.monotonic()
+    added, uncommitted, last_commit, commit_cost = 0, 0, time.monotonic(), 0.0
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
     # Pillow loads its format plugins on first use: once here, not in each forked worker.
     Image.preinit()
@@ -213,9 +214,14 @@ def write_pending(
             added += len(rows)
             uncommitted += 1
             bar.update(len(rows) + len(rejected))
-            if time.monotonic() - last_commit >= cfg.commit_seconds:
+            # Each commit rewrites the whole index (3 us a row): spaced so that they take
+            # at most COMMIT_SHARE of the run, else a million pairs would mostly commit.
+            interval = max(cfg.commit_seconds, commit_cost / COMMIT_SHARE)
+            if time.monotonic() - last_commit >= interval:
+                started = time.monotonic()
                 commit(out, index, reject_rows)
                 uncommitted, last_commit = 0, time.monotonic()
+                commit_cost = last_commit - started
         if uncommitted or not tasks:  # while the workers exit
             commit(out, index, reject_rows)
     return added
