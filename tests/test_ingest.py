@@ -286,3 +286,26 @@ def test_commits_are_spaced_by_what_they_cost(tmp_path, monkeypatch):
     assert 2 <= len(commits) <= 4
     gaps = [b - a for a, b in zip(commits, commits[1:], strict=False)]
     assert all(gap >= 0.4 for gap in gaps[:-1])  # the last one ends the run
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_stops_with_a_message_and_a_rerun_finishes(tmp_path, workers):
+    rgb_dir, tir_dir = tmp_path / "rgb", tmp_path / "tir"
+    for i in range(130):
+        write_pair(rgb_dir / f"{i:03d}.png", tir_dir / f"{i:03d}.png", i, size=(96, 64))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tirsynth.cli", "ingest", "--rgb", str(rgb_dir)]
+    command += ["--tir", str(tir_dir), "--out", str(out), "--workers", workers]
+
+    def small_disk():  # files past 200 kB fail to grow (EFBIG), like a full disk
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    stopped = subprocess.run(command, capture_output=True, text=True, preexec_fn=small_disk)
+    assert stopped.returncode == 1
+    assert "File too large" in stopped.stderr and "run the same command again" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    subprocess.run(command, check=True, capture_output=True)
+    assert len(assert_consistent(out)) == 130
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

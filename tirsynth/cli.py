@@ -126,7 +126,7 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
         return
-    with user_errors():
+    with user_errors(ingest_stage.IngestStopped):
         result = ingest_stage.run(cfg)
     _print_ingest_summary(result)
     if result.pairs == 0 or (cfg.strict and result.rejects):

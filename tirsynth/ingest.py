@@ -33,6 +33,10 @@ COMMIT_SHARE = 0.1  # of a run's time, at most, spent rewriting the index
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
+class IngestStopped(RuntimeError):
+    """Writing the output failed (disk full, permissions, a worker killed); a rerun resumes."""
+
+
 @dataclass(frozen=True)
 class PlannedPair:
     source: PairSource
@@ -81,7 +85,13 @@ def run(cfg: IngestConfig) -> IngestResult:
         manifest = build_manifest(cfg, inputs, fingerprint, meta_unmatched, status="incomplete")
         shards.write_json(out / shards.MANIFEST, manifest)
         reject_rows = [reject_row(r) for r in rejects]
-        added = write_pending(out, index, pending, cfg, reject_rows)
+        try:
+            added = write_pending(out, index, pending, cfg, reject_rows)
+        except (OSError, parallel.WorkerLost) as err:  # inputs that fail are rejects instead
+            raise IngestStopped(
+                f"ingest into {out} stopped: {err}. The pairs committed so far are kept; "
+                "run the same command again to finish."
+            ) from err
         counts = shards.count_pairs(out, index, reject_rows, "complete")
         manifest.update(status="complete", counts=counts)
         shards.write_json(out / shards.MANIFEST, manifest)
