@@ -192,6 +192,11 @@ def test_split_is_a_stable_function_of_the_key():
     assert splits == [ingest.hash_split(k, (0.8, 0.1, 0.1)) for k in keys]
     counts = Counter(splits)
     assert 1500 < counts["train"] < 1700 and 140 < counts["val"] < 260
+    # Pinned: a dataset ingested by any version lands in the same splits.
+    pinned = {"00000": "train", "00007": "train", "00014": "val", "00021": "train"}
+    pinned |= {"00049": "test", "00070": "test", "00182": "val", "00252": "test"}
+    for number, split in pinned.items():
+        assert ingest.hash_split(f"roadscene_FLIR_{number}", (0.8, 0.1, 0.1)) == split
 
 
 def test_auto_daynight_is_recorded_as_an_estimate(tmp_path, roadscene_dir):

@@ -1,3 +1,6 @@
+import itertools
+import os
+
 import pytest
 from conftest import write_csv, write_pair
 
@@ -84,3 +87,10 @@ def test_keys_are_stable_and_distinct_after_sanitising():
     assert layouts.make_key("d", "a b") != layouts.make_key("d", "a_b")
     assert layouts.make_key("d", "x.y/z") == layouts.make_key("d", "x.y/z")
     assert "." not in layouts.make_key("d", "x.y/z")
+
+
+def test_split_extension_is_splitext():
+    # Every name of up to six characters from ".", "a" and "b" (dots leading, trailing,
+    # doubled, alone).
+    names = ["".join(p) for n in range(7) for p in itertools.product(".ab", repeat=n)]
+    assert all(layouts._split_extension(n) == os.path.splitext(n) for n in names)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -37,8 +39,7 @@ class IngestStopped(RuntimeError):
     """Writing the output failed (disk full, permissions, a worker killed); a rerun resumes."""
 
 
-@dataclass(frozen=True)
-class PlannedPair:
+class PlannedPair(NamedTuple):  # a tuple: made once per pair
     source: PairSource
     split: str
     daynight: str | None  # None: estimate from the RGB image in the worker
@@ -172,14 +173,18 @@ def plan_pairs(
 
 def hash_split(key: str, fractions: tuple[float, float, float]) -> str:
     """Deterministic split from a hash of the key: same key, same split, every run."""
-    position = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
-    cumulative = 0.0
-    total = sum(fractions)
-    for split, fraction in zip(shards.SPLITS, fractions, strict=True):
-        cumulative += fraction / total
-        if position < cumulative:
+    # The first 48 bits of the digest as a fraction of 2**48 (its first 12 hex digits).
+    position = int.from_bytes(hashlib.sha256(key.encode()).digest()[:6], "big") / 2**48
+    for split, bound in zip(shards.SPLITS, _split_bounds(fractions), strict=True):
+        if position < bound:
             return split
     return shards.SPLITS[-1]
+
+
+@cache
+def _split_bounds(fractions: tuple[float, float, float]) -> tuple[float, ...]:
+    total = sum(fractions)
+    return tuple(itertools.accumulate(fraction / total for fraction in fractions))
 
 
 def drop_duplicate_keys(planned: list[PlannedPair]) -> tuple[list[PlannedPair], list[Reject]]:
