@@ -219,6 +219,8 @@ def write_pending(
     options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
     # Pillow loads its format plugins on first use: once here, not in each forked worker.
     Image.preinit()
+    # Forked workers share the ingest lock's open file; fork_map reaps them before it
+    # returns, so the lock is not let go while one of them may still write a shard.
     with (
         tqdm(total=len(pending), unit="pair", desc="ingest", disable=not pending) as bar,
         parallel.fork_map(write_task, [(t, options) for t in tasks], workers) as results,
