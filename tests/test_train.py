@@ -171,6 +171,8 @@ class Arbitrary:
         return (print, ("pickled code ran",))
 
 
+# torch warns that a plain pickle.dumps file uses a newer protocol than its own files.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "tirsynth-checkpoint", "payload": Arbitrary()}, path)
