@@ -30,7 +30,7 @@ from tirsynth.layouts import PairSource, Reject
 
 LOCK = ".ingest.lock"
 MIN_PAIRS_PER_WORKER = 60
-MIN_PAIRS_PER_TASK = 25
+MIN_PAIRS_PER_TASK = 50
 COMMIT_SHARE = 0.1  # of a run's time, at most, spent rewriting the index
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
@@ -256,7 +256,9 @@ def plan_tasks(
 ) -> Iterator[ShardTask]:
     """Group pending pairs by split into shards numbered after the existing ones."""
     # With several workers, about eight tasks each (so that they finish close together) of
-    # at least MIN_PAIRS_PER_TASK pairs (each is a shard file to create and rename).
+    # at least MIN_PAIRS_PER_TASK pairs: each task costs a shard file to create and rename
+    # and a message of rows, about 0.1 ms (the 203 shared pairs ingest 0.4 ms faster in 6
+    # tasks of at least 50 pairs than in 9 of at least 25).
     size = len(pending) if workers == 1 else math.ceil(len(pending) / (8 * workers))
     size = max(1, min(shard_size, max(MIN_PAIRS_PER_TASK, size)))
     for split in sorted({p.split for p in pending}):
