@@ -287,8 +287,9 @@ def test_commits_are_spaced_by_what_they_cost(tmp_path, monkeypatch):
     )
     ingest.run(cfg)
     assert len(shards.read_index(tmp_path / "out")) == 40
-    # 40 tasks of 10 ms: a commit after each of them without the spacing.
-    assert 2 <= len(commits) <= 4
+    # 40 tasks of 10 ms: a commit after each of them without the spacing. Usually 3 here;
+    # the bound leaves room for a loaded machine, whose slower tasks allow more commits.
+    assert 2 <= len(commits) <= 8
     gaps = [b - a for a, b in zip(commits, commits[1:], strict=False)]
     assert all(gap >= 0.4 for gap in gaps[:-1])  # the last one ends the run
 
