@@ -50,7 +50,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("sources", nargs=-1, type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@out_option
 @click.option(
     "--config",
     "config_path",
@@ -113,7 +113,7 @@ def cli() -> None:
 @click.option(
     "--strict", is_flag=True, default=None, help="Exit non-zero if anything was rejected."
 )
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any option, as YAML.")
+@set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
     """Paired RGB/TIR datasets (RoadScene, LLVIP, KAIST, folders, CSV) -> pair shards."""

@@ -34,13 +34,14 @@ PNG_END = b"IEND\xaeB`\x82"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The header fast path (`sniff_header`): baseline, extended and progressive Huffman JPEG
 # frames; segments that cannot change size, mode, frames or orientation (JFIF/JFXX APP0,
-# quantisation and Huffman tables, restart interval, comments); PNG bit depth and colour
-# type -> Pillow mode; PNG chunks that can change frames or orientation.
+# quantisation and Huffman tables, restart interval, comments); JPEG layer count and PNG
+# bit depth and colour type -> Pillow mode; PNG chunks that can change frames or orientation.
 JPEG_PLAIN_SOF = {0xC0, 0xC1, 0xC2}
 JPEG_START_OF_SCAN = 0xDA
 JPEG_SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, length (which counts itself)
 JPEG_FRAME = struct.Struct(">HHB")  # height, width, layers, after the precision byte
 JPEG_PLAIN_SEGMENTS = {0xE0, 0xDB, 0xC4, 0xDD, 0xFE}
+JPEG_LAYER_MODES = {1: "L", 3: "RGB"}
 PNG_PLAIN_MODES = {(8, 0): "L", (16, 0): "I;16", (8, 2): "RGB"}
 PNG_DEFERRED_CHUNKS = {b"eXIf", b"acTL", b"fcTL", b"fdAT"}
 # Day/night: mean 8-bit luma of the image's top third (mostly sky) below this means night.
@@ -167,7 +168,7 @@ def _sniff_jpeg(data: bytes) -> Header | None:
             if header is not None or length < 8 or data[pos + 4] != 8:
                 return None
             height, width, layers = JPEG_FRAME.unpack_from(data, pos + 5)
-            mode = {1: "L", 3: "RGB"}.get(layers)
+            mode = JPEG_LAYER_MODES.get(layers)
             if mode is None or not width or not height:
                 return None
             header = Header("JPEG", width, height, mode)
