@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from tirsynth.cli import cli
 from tirsynth.config import ModelConfig, TrainConfig, load_config
@@ -71,6 +72,43 @@ def test_tiny_model_is_tiny_and_70px_patchgan_is_30x30_on_256():
         torch.zeros(1, 3, 256, 256), torch.zeros(1, 1, 256, 256)
     )
     assert logits.shape == (1, 1, 30, 30)
+
+
+def test_pix2pix_initialisation():
+    """init_type normal, gain 0.02: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02),
+    biases 0, in G and D alike."""
+    cfg = ModelConfig(ngf=16, ndf=16)
+    for model in (build_generator(cfg), build_discriminator(cfg)):
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        weights = torch.cat([m.weight.flatten() for m in convs])
+        assert abs(weights.mean()) < 1e-3 and abs(weights.std() - 0.02) < 1e-3
+        gammas = torch.cat([m.weight for m in norms])
+        assert abs(gammas.mean() - 1) < 0.01 and abs(gammas.std() - 0.02) < 0.01
+        assert all(torch.all(m.bias == 0) for m in [*convs, *norms] if m.bias is not None)
+
+
+def test_unet_256_has_dropout_on_the_three_decoder_layers_below_the_innermost():
+    generator = build_generator(ModelConfig(ngf=2, skips="dense"))
+    with_dropout = [
+        i
+        for i, layer in enumerate(generator.decoder)
+        if any(isinstance(m, nn.Dropout) for m in layer)
+    ]
+    # decoder[0] is the innermost layer (paper layer 9); pix2pix: layers 10, 11 and 12.
+    assert with_dropout == [1, 2, 3]
+    assert all(m.p == 0.5 for m in generator.modules() if isinstance(m, nn.Dropout))
+    assert not any(
+        isinstance(m, nn.Dropout) for m in build_generator(ModelConfig(dropout=0)).modules()
+    )
+
+
+def test_paper_configs_output_three_channels():
+    paper = [p for p in TRAIN_CONFIGS if p.stem != "tiny"]
+    assert {p.stem for p in paper} >= {"sparse", "pix2pix_dense", "sparse_plus"}
+    for path in paper:
+        assert load_config(path, TrainConfig).model.out_channels == 3, path.name
+    assert ModelConfig().out_channels == 1  # the library default: one TIR channel
 
 
 def test_bad_skips_are_refused():

@@ -7,11 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tirsynth import train
+from tirsynth import shards, train
 from tirsynth.checkpoint import load_checkpoint, load_generator, save_checkpoint
 from tirsynth.cli import cli
 from tirsynth.config import TrainConfig, load_config
 from tirsynth.data import PairDataset
+from tirsynth.inference import iter_pairs
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import validate
 
@@ -39,6 +40,8 @@ def test_train_step_updates_g_and_d_with_finite_losses(learnable_shards):
     )
     before_g = [p.clone() for p in gen.parameters()]
     before_d = [p.clone() for p in disc.parameters()]
+    d_batches = []  # D's input batch sizes, forward by forward
+    disc.register_forward_hook(lambda m, args, out: d_batches.append(len(args[0])))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = train.train_step(
         batch,
@@ -56,6 +59,114 @@ def test_train_step_updates_g_and_d_with_finite_losses(learnable_shards):
     assert all(not torch.equal(a, b) for a, b in zip(before_g, gen.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(before_d, disc.parameters(), strict=True))
     assert all(p.requires_grad for p in disc.parameters()) is False  # D frozen after its step
+    # pix2pix: D's step runs real and fake pairs in separate forwards (separate BatchNorm
+    # statistics), as G's step does with the fake pairs; not one concatenated batch.
+    assert d_batches == [3, 3, 3]
+
+
+def test_three_channel_generator_learns_the_tir_in_every_channel(learnable_shards):
+    """The paper configs: G outputs 3 channels, the real TIR is replicated to match, and the
+    intensity term is its own loss, not a copy of L1."""
+    cfg = tiny_cfg("model.out_channels=3")
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    loader = torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32), batch_size=3)
+    losses = train.train_step(
+        next(iter(loader)),
+        gen,
+        disc,
+        torch.optim.Adam(gen.parameters()),
+        torch.optim.Adam(disc.parameters()),
+        cfg.loss,
+        train.autocast_context(torch.device("cpu"), "fp32"),
+        torch.amp.GradScaler("cpu", enabled=False),
+        torch.device("cpu"),
+    )
+    # With one channel, 30 L1(I) is 0.3 x 100 L1; with three channels the two differ.
+    assert abs(losses["g_intensity"] / losses["g_l1"] - 0.3) > 1e-3
+
+
+def test_power_ema_weights_later_steps_more(learnable_shards, tmp_path):
+    cfg = tiny_cfg("train.max_steps=12", "train.epochs=100", "train.ema_power=3")
+    result = train.run(cfg, learnable_shards, tmp_path / "ema", progress=False)
+    state = load_checkpoint(result.checkpoint)
+    assert set(state["generator_ema"]) == set(state["generator"])
+    differs = [
+        k for k, v in state["generator_ema"].items() if not torch.equal(v, state["generator"][k])
+    ]
+    assert differs  # an average, not a copy
+    gen, _ = load_generator(result.checkpoint)  # what generate and evaluate translate with
+    for name, tensor in gen.state_dict().items():
+        assert torch.equal(tensor, state["generator_ema"][name])
+    # Resume restores the average: 6 + 6 steps equal 12.
+    train.run(tiny_cfg("train.max_steps=6", "train.epochs=100", "train.ema_power=3"),
+              learnable_shards, tmp_path / "split", progress=False)  # fmt: skip
+    resumed = train.run(cfg, learnable_shards, tmp_path / "split", resume=True, progress=False)
+    again = load_checkpoint(resumed.checkpoint)["generator_ema"]
+    for name, tensor in state["generator_ema"].items():
+        assert torch.allclose(tensor.float(), again[name].float(), atol=1e-6), name
+
+
+def test_power_ema_is_a_power_weighted_average():
+    gen = build_generator(tiny_cfg().model)
+    ema = train.power_ema(gen, 0.0)  # gamma 0: the plain mean of every step's weights
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            for p in gen.parameters():
+                p.fill_(value)
+        ema.update_parameters(gen)
+    assert torch.allclose(next(ema.module.parameters()), torch.tensor(3.0))
+
+
+def test_learning_rate_constant_or_linear_decay():
+    cfg = tiny_cfg("train.lr=1.0", "train.lr_decay_from=0.5")
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    rates = []
+    for step in range(10):
+        train.set_learning_rate([optimizer], cfg.train, step, 10)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[:5] == [1.0] * 5 and rates[5] == 1.0
+    assert all(a > b for a, b in zip(rates[5:], rates[6:], strict=False)) and rates[-1] > 0
+    train.set_learning_rate([optimizer], tiny_cfg("train.lr=1.0").train, 9, 10)
+    assert optimizer.param_groups[0]["lr"] == 1.0  # the paper: no decay
+
+
+def test_data_without_val_split_validates_on_a_carved_part_of_train(tmp_path, capsys):
+    """LLVIP-like data (train only) still validates and writes best.pt; the carved pairs are
+    never trained on, and the choice is the same every run."""
+    from conftest import write_pair
+
+    from tirsynth import ingest
+    from tirsynth.config import IngestConfig
+
+    root = tmp_path / "pairs"
+    for i in range(20):
+        write_pair(root / "rgb" / f"p{i:02d}.png", root / "tir" / f"p{i:02d}.png", i)
+    data = tmp_path / "data"
+    ingest.run(IngestConfig(rgb_dir=str(root / "rgb"), tir_dir=str(root / "tir"), out=str(data),
+                            split=(1.0, 0.0, 0.0)))  # fmt: skip
+    train_keys, val_rows = train.split_for_validation(data, "val")
+    assert len(val_rows) == 2 and not {r["key"] for r in val_rows} & set(train_keys)
+    assert len(train_keys) == 18
+    assert train.split_for_validation(data, "val", announce=False)[1] == val_rows
+    result = train.run(tiny_cfg("train.max_steps=4", "train.epochs=100"), data, tmp_path / "r",
+                       progress=False)  # fmt: skip
+    assert "validating on 2 train pairs" in capsys.readouterr().out
+    assert result.best_checkpoint is not None and result.val["samples"] == 2
+
+
+def test_validation_scores_as_evaluate_does(learnable_shards, tiny_checkpoint, tmp_path):
+    """best.pt is chosen under the user's protocol: val SSIM is evaluate's SSIM on val."""
+    from tirsynth import evaluate
+    from tirsynth.config import EvaluateConfig
+
+    state = load_checkpoint(tiny_checkpoint)
+    result = evaluate.run(
+        EvaluateConfig(data=str(learnable_shards), out=str(tmp_path / "ev"), split="val",
+                       checkpoint=str(tiny_checkpoint), precision="fp32", baselines=False),
+        progress=False,
+    )  # fmt: skip
+    (name,) = result.results
+    assert result.results[name]["overall"]["ssim"] == pytest.approx(state["val"]["ssim"], abs=1e-9)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -69,11 +180,8 @@ def test_learns_a_mapping(learnable_shards, tmp_path, precision):
         f"train.precision={precision}",
     )
     torch.manual_seed(cfg.train.seed)
-    untrained = validate(
-        build_generator(cfg.model),
-        PairDataset(learnable_shards, "val", image_size=32),
-        torch.device("cpu"),
-    )
+    val_rows = [r for r in shards.read_index(learnable_shards) if r["split"] == "val"]
+    untrained = validate(build_generator(cfg.model), iter_pairs(learnable_shards, val_rows), 32)
     result = train.run(cfg, learnable_shards, tmp_path / "run", progress=False)
     l1 = [r["g_l1"] for r in stats(result.out, "train")]
     first, last = sum(l1[:3]) / 3, sum(l1[-3:]) / 3

@@ -58,14 +58,15 @@ def checkpoint_config(state: dict[str, Any]) -> TrainConfig:
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The trained generator of a checkpoint, in eval mode on `device`, and the checkpoint.
+    """The trained generator of a checkpoint, in eval mode on `device`, and the checkpoint:
+    its averaged weights when training kept an average (`train.ema_power`).
 
     Returns:
         (generator, state) where state holds "config", "tir_stats", "step", "val", ...
     """
     state = load_checkpoint(path)
     generator = build_generator(checkpoint_config(state).model)
-    generator.load_state_dict(state["generator"])
+    generator.load_state_dict(state.get("generator_ema", state["generator"]))
     return generator.to(device).eval(), state
 
 

@@ -441,6 +441,40 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
         click.echo(line)
 
 
+@bench.command("quality")
+@click.option(
+    "--config",
+    "config_path",
+    default="configs/sparse.yaml",
+    show_default=True,
+    type=click.Path(exists=True, dir_okay=False),
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--first-seed", default=0, show_default=True, type=click.IntRange(min=0),
+    help="Run seeds FIRST..FIRST+SEEDS-1 (parallel processes each take their own).",
+)  # fmt: skip
+@click.option("--steps", default=1600, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--last", default=3, show_default=True, type=click.IntRange(min=1), help="Snapshots averaged."
+)
+@click.option("--proxy", is_flag=True, help="128 px, half width: a fast screen for ideas.")
+@click.option("--shared", default="../shared/data", show_default=True, type=click.Path())
+@click.option("--out", default="runs/bench-quality", show_default=True, type=click.Path())
+def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy, shared, out):
+    """Train a config on the shared pairs for a fixed budget per seed; print SSIM, PSNR and
+    LBP on a fixed test split (overall, by dataset, day/night) beside the luma baselines."""
+    from tirsynth import bench_quality as quality_bench
+
+    bench = quality_bench.QualityBench(
+        config_path, tuple(overrides), shared, out, seeds, steps, last, proxy, first_seed
+    )
+    with user_errors():
+        for line in quality_bench.run(bench):
+            click.echo(line)
+
+
 @bench.command("generate")
 @click.option(
     "--input",

@@ -77,9 +77,12 @@ class ModelConfig:
             raise ValueError(f"skips={self.skips!r} is not sparse, dense, low, high or a list")
 
     def resolved_skips(self) -> tuple[int, ...]:
-        """Encoder levels with a skip: `dense` is every level 1..depth-1."""
+        """Encoder levels with a skip: `dense` is every level 1..depth-1, `sparse` every odd
+        one (the paper's {1,3,5,7} at depth 8; {1,3,5} for a 128 px model of depth 7)."""
         if self.skips == "dense":
             return tuple(range(1, self.depth))
+        if self.skips == "sparse":
+            return tuple(range(1, self.depth, 2))
         if isinstance(self.skips, str):
             return NAMED_SKIPS[self.skips]
         return tuple(self.skips)
@@ -93,11 +96,12 @@ class LossConfig:
     l1: float = 100.0
     gradient: float = 100.0  # L1 between Sobel-magnitude maps of the intensities
     intensity: float = 30.0  # L1 between intensities I = 0.299R + 0.587G + 0.114B
+    ssim: float = 0.0  # 1 - SSIM of the intensities (not in the paper; InfraGAN uses one)
     gan_mode: Literal["vanilla", "lsgan"] = "vanilla"  # vanilla: non-saturating BCE
 
     def __post_init__(self) -> None:
         check_literals(self)
-        for name in ("gan", "l1", "gradient", "intensity"):
+        for name in ("gan", "l1", "gradient", "intensity", "ssim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -135,6 +139,10 @@ class LoopConfig:
     precision: Precision = "fp32"  # autocast dtype; fp16 only on CUDA (with a grad scaler)
     channels_last: bool = True
     seed: int = 0
+    # G's weights averaged with step k weighted by k**ema_power (a power-function EMA);
+    # generate and evaluate use the average. None: off (the paper).
+    ema_power: float | None = None
+    lr_decay_from: float = 1.0  # fraction of the run after which lr falls linearly to 0
     val_every: int = 1  # epochs between validations (each also writes latest.pt and a grid)
     checkpoint_every: int = 0  # also keep step_N.pt (and update latest.pt) every N steps
     log_every: int = 10  # steps between stats.jsonl records
@@ -144,6 +152,10 @@ class LoopConfig:
         check_literals(self)
         if min(self.batch_size, self.epochs, self.val_every) < 1 or self.max_steps < 0:
             raise ValueError("train.batch_size, epochs and val_every must be >= 1, max_steps >= 0")
+        if self.ema_power is not None and self.ema_power < 0:
+            raise ValueError(f"train.ema_power must be >= 0 or null, got {self.ema_power}")
+        if not 0 <= self.lr_decay_from <= 1:
+            raise ValueError(f"train.lr_decay_from must be in [0, 1], got {self.lr_decay_from}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import multiprocessing
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tirsynth import shards
+from tirsynth.inference import fit_to_square
+
+VAL_FRACTION = 0.1  # of train, carved out as val when a dataset publishes no val split
 
 
 class PairDataset(IterableDataset):
@@ -31,15 +34,18 @@ class PairDataset(IterableDataset):
         root: a pair-shard folder written by `tirsynth ingest`.
         split: "train", "val" or "test".
         image_size: side S of the square output.
-        augment: pix2pix augmentation (resize to `load_size`, random S crop, random
-            horizontal flip, the same for RGB and TIR); otherwise a plain resize to S.
-        load_size: resize side before the random crop (pix2pix: 286 for S=256).
+        augment: pix2pix augmentation in the geometry of inference: fit into a `load_size`
+            square keeping the aspect ratio, reflect-pad it, random S crop, random
+            horizontal flip, the same for RGB and TIR. Otherwise fit into S x S exactly as
+            `generate` and `evaluate` do.
+        load_size: side of the square before the random crop (pix2pix: 286 for S=256).
         shuffle: shuffle shard order and samples within a buffer, per epoch.
         seed: base seed; with `set_epoch`, order and augmentation are reproducible.
         rank, world_size: distributed position; default from torch.distributed if initialised.
         even_ranks: drop up to world_size-1 samples so every rank gets the same count, which
             keeps DDP collectives in step.
         shuffle_buffer: samples held for in-part shuffling.
+        keys: only these keys of the split (e.g. a carved val split); None: all of them.
     """
 
     def __init__(
@@ -56,10 +62,14 @@ class PairDataset(IterableDataset):
         world_size: int | None = None,
         even_ranks: bool = False,
         shuffle_buffer: int = 64,
+        keys: Collection[str] | None = None,
     ):
         super().__init__()
         self.root = Path(root)
         rows = [r for r in shards.read_index(self.root) if r["split"] == split]
+        if keys is not None:
+            keys = set(keys)
+            rows = [r for r in rows if r["key"] in keys]
         if not rows:
             raise ValueError(f"{root}: no samples in split {split!r}")
         # Index rows are written shard by shard in tar order; keep that order per shard.
@@ -146,13 +156,12 @@ class PairDataset(IterableDataset):
         # Float mode keeps 16-bit TIR exact through resizing.
         tir = Image.fromarray(tir_pixels.astype(np.float32) / tir_scale)
         if self.augment:
-            rgb, tir = self._augment(rgb, tir, sample["__key__"])
+            rgb_pixels, tir_pixels = self._augment(rgb, tir, sample["__key__"])
         else:
-            size = (self.image_size, self.image_size)
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-            tir = tir.resize(size, Image.Resampling.BICUBIC)
-        rgb_tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
-        tir_tensor = torch.from_numpy(np.clip(np.asarray(tir, dtype=np.float32), 0, 1) * 2 - 1)
+            rgb_pixels, _ = fit_to_square(rgb, self.image_size)
+            tir_pixels, _ = fit_to_square(tir, self.image_size)
+        rgb_tensor = torch.from_numpy(rgb_pixels.astype(np.float32) / 127.5 - 1.0)
+        tir_tensor = torch.from_numpy(np.clip(tir_pixels, 0, 1).astype(np.float32) * 2 - 1)
         return {
             "rgb": rgb_tensor.permute(2, 0, 1).contiguous(),  # (3, S, S) in [-1, 1]
             "tir": tir_tensor.unsqueeze(0),  # (1, S, S) in [-1, 1]
@@ -166,15 +175,23 @@ class PairDataset(IterableDataset):
         digest = hashlib.sha256(f"{self.seed}-{self.epoch}-{key}".encode()).digest()
         rng = random.Random(digest)
         load, size = self.load_size, self.image_size
-        rgb = rgb.resize((load, load), Image.Resampling.BICUBIC)
-        tir = tir.resize((load, load), Image.Resampling.BICUBIC)
+        rgb_pixels, _ = fit_to_square(rgb, load)  # (load, load, 3) uint8
+        tir_pixels, _ = fit_to_square(tir, load)  # (load, load) float
         left, top = rng.randint(0, load - size), rng.randint(0, load - size)
-        box = (left, top, left + size, top + size)
-        rgb, tir = rgb.crop(box), tir.crop(box)
+        rgb_pixels = rgb_pixels[top : top + size, left : left + size]
+        tir_pixels = tir_pixels[top : top + size, left : left + size]
         if rng.random() < 0.5:
-            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            tir = tir.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return rgb, tir
+            rgb_pixels, tir_pixels = rgb_pixels[:, ::-1], tir_pixels[:, ::-1]
+        return np.ascontiguousarray(rgb_pixels), np.ascontiguousarray(tir_pixels)
+
+
+def carve_val_keys(root: str | Path, split: str = "train") -> list[str]:
+    """A deterministic tenth of `split`'s keys (at least one) to validate on when the data
+    has no val split (LLVIP and KAIST publish only train and test): the keys whose sha256
+    comes first, so the choice depends only on the keys."""
+    keys = [r["key"] for r in shards.read_index(Path(root)) if r["split"] == split]
+    count = max(1, round(len(keys) * VAL_FRACTION)) if len(keys) > 1 else 0
+    return sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:count]
 
 
 def _part_bounds(start: int, stop: int, parts: int) -> list[int]:

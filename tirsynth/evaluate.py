@@ -12,7 +12,6 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tirsynth import __version__, inference, metrics, shards
+from tirsynth import __version__, inference, metrics, quality, shards
 from tirsynth.checkpoint import checkpoint_config, load_checkpoint
 from tirsynth.config import EvaluateConfig, to_dict
-from tirsynth.quality import write_image_grid
 from tirsynth.report import write_report
 
 PER_IMAGE = "evaluation.parquet"
 REPORT = "report.json"
-METRICS = ("ssim", "psnr", "lbp_real", "lbp_fake")
+METRICS = quality.METRICS
 BASELINES = ("rgb-luma", "inverted-luma")
 # The paper's results on KAIST (SSIM, PSNR dB): Table 2 (overall) and Table 4 (day/night).
 PAPER = {
@@ -82,9 +80,9 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     for model in models:
         translate = _translator(model, cfg)
         outputs_of[model["name"]] = translate
-        samples = _iter_split(data, rows)
+        samples = inference.iter_pairs(data, rows)
         bar = tqdm(total=len(rows), disable=not progress, desc=model["name"], unit="img")
-        for batch in _batched(samples, cfg.batch_size):
+        for batch in quality.batched(samples, cfg.batch_size):
             for sample, output in zip(batch, translate([s["rgb"] for s in batch]), strict=True):
                 per_image.append(
                     {
@@ -92,7 +90,7 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
                         "key": sample["key"],
                         "dataset": sample["dataset"],
                         "daynight": sample["daynight"],
-                        **score(sample["real"], output),
+                        **quality.score(sample["real"], output),
                     }
                 )
             bar.update(len(batch))
@@ -126,18 +124,6 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     shards.write_json(out / REPORT, report)
     write_report(out)
     return EvaluateResult(out, results, report)
-
-
-def score(real: np.ndarray, output: np.ndarray) -> dict[str, float]:
-    """SSIM, PSNR and mean LBP of one output against its real TIR, both (H, W) uint8."""
-    reference = torch.from_numpy(real.astype(np.float64))[None]
-    test = torch.from_numpy(output.astype(np.float64))[None]
-    return {
-        "ssim": metrics.ssim(reference, test).item(),
-        "psnr": metrics.psnr(reference, test).item(),
-        "lbp_real": metrics.lbp(reference).double().mean().item(),
-        "lbp_fake": metrics.lbp(test).double().mean().item(),
-    }
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -186,14 +172,15 @@ def write_grids(out, data, rows, per_image, models, outputs_of, count) -> dict[s
     ssim_of = {(r["model"], r["key"]): r["ssim"] for r in per_image}
     grids = {}
     for title, wanted in chosen.items():
-        samples = {s["key"]: s for s in _iter_split(data, [r for r in rows if r["key"] in wanted])}
+        wanted_rows = [r for r in rows if r["key"] in wanted]
+        samples = {s["key"]: s for s in inference.iter_pairs(data, wanted_rows)}
         grid_rows = []
         for key in wanted:
             sample = samples[key]
             cells = [sample["rgb_pixels"], sample["real"]]
             cells += [outputs_of[name]([sample["rgb"]])[0] for name in columns[2:]]
             grid_rows.append(cells)
-        path = write_image_grid(grid_rows, out / "grids" / f"{title}.png")
+        path = quality.write_image_grid(grid_rows, out / "grids" / f"{title}.png")
         grids[title] = {
             "path": str(path.relative_to(out)),
             "columns": columns,
@@ -215,50 +202,9 @@ def _translator(model: dict, cfg: EvaluateConfig):
         return baseline
     translator = inference.Translator(model["checkpoint"], cfg.precision)
     size = cfg.size or model["image_size"]
-
-    def translate(images):
-        fitted = [inference.fit_to_square(image, size) for image in images]
-        batch = {"pixels": np.stack([pixels for pixels, _ in fitted])}
-        squares = translator(batch)["tir"]
-        return [
-            inference.map_back(square, content, image.size)
-            for square, (_, content), image in zip(squares, fitted, images, strict=True)
-        ]
-
-    return translate
-
-
-def _iter_split(data: Path, rows: list[dict]) -> Iterator[dict[str, Any]]:
-    """Decoded samples of `rows`, shard by shard: rgb (PIL), rgb_pixels, real (uint8)."""
-    wanted = {r["key"]: r for r in rows}
-    for shard in sorted({r["shard"] for r in rows}):
-        for sample in shards.read_shard(data / shard):
-            row = wanted.get(sample["__key__"])
-            if row is None:
-                continue
-            rgb_bytes = next(v for k, v in sample.items() if k.startswith("rgb."))
-            tir_bytes = next(v for k, v in sample.items() if k.startswith("tir."))
-            rgb = inference.decode_rgb(rgb_bytes, max_pixels=1 << 31)
-            real = shards.decode_tir_8bit(tir_bytes)
-            yield {
-                "key": row["key"],
-                "dataset": row["dataset"],
-                "daynight": row["daynight"],
-                "rgb": rgb,
-                "rgb_pixels": np.asarray(rgb),
-                "real": real,
-            }
-
-
-def _batched(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    return lambda images: inference.translate_images(
+        images, size, lambda pixels: translator({"pixels": pixels})["tir"]
+    )
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:

@@ -7,13 +7,17 @@ reflection, translated, cropped back to the scaled content and resized to its ex
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import nn
 
-from tirsynth import images, metrics
+from tirsynth import images, metrics, shards
 from tirsynth.checkpoint import find_best_checkpoint, load_generator
 
 
@@ -57,15 +61,60 @@ class Translator:
         self.precision = resolve_precision(precision, self.device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8))  # writable copy
-        rgb = pixels.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
-        rgb = rgb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            fake = self.generator(rgb).float()  # (B, C, S, S) in [-1, 1]
-        gray = metrics.to_gray_uint8(fake).to(torch.uint8)  # (B, S, S)
-        return {**batch, "tir": gray.cpu().numpy()}
+        def autocast():
+            return torch.autocast(self.device.type, dtype=self.dtype, enabled=bool(self.dtype))
+
+        return {**batch, "tir": translate_squares(self.generator, batch["pixels"], autocast)}
+
+
+@torch.no_grad()
+def translate_squares(
+    generator: nn.Module, pixels: np.ndarray, autocast: Callable[[], Any] = nullcontext
+) -> np.ndarray:
+    """(B, S, S, 3) uint8 RGB squares -> (B, S, S) uint8 TIR, on the generator's device."""
+    device = next(generator.parameters()).device
+    rgb = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # writable copy
+    rgb = rgb.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
+    rgb = rgb.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        fake = generator(rgb).float()  # (B, C, S, S) in [-1, 1]
+    return metrics.to_gray_uint8(fake).to(torch.uint8).cpu().numpy()
+
+
+def translate_images(
+    images: list[Image.Image], size: int, squares: Callable[[np.ndarray], np.ndarray]
+) -> list[np.ndarray]:
+    """Whole RGB images of any size -> (H, W) uint8 TIR at each one's size: fit into the
+    model's `size` square, translate with `squares` ((B, S, S, 3) -> (B, S, S)), map back."""
+    fitted = [fit_to_square(image, size) for image in images]
+    outputs = squares(np.stack([pixels for pixels, _ in fitted]))
+    return [
+        map_back(output, content, image.size)
+        for output, (_, content), image in zip(outputs, fitted, images, strict=True)
+    ]
+
+
+def iter_pairs(data: Path, rows: list[dict]) -> Iterator[dict[str, Any]]:
+    """Decoded pairs of index `rows` of a pair-shard folder, shard by shard: key, dataset,
+    daynight, rgb (PIL, as displayed), rgb_pixels and real (8-bit TIR, (H, W) uint8)."""
+    wanted = {r["key"]: r for r in rows}
+    for shard in sorted({r["shard"] for r in rows}):
+        for sample in shards.read_shard(Path(data) / shard):
+            row = wanted.get(sample["__key__"])
+            if row is None:
+                continue
+            rgb_bytes = next(v for k, v in sample.items() if k.startswith("rgb."))
+            tir_bytes = next(v for k, v in sample.items() if k.startswith("tir."))
+            rgb = decode_rgb(rgb_bytes, max_pixels=1 << 31)
+            yield {
+                "key": row["key"],
+                "dataset": row["dataset"],
+                "daynight": row["daynight"],
+                "rgb": rgb,
+                "rgb_pixels": np.asarray(rgb),
+                "real": shards.decode_tir_8bit(tir_bytes),
+            }
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -84,12 +133,13 @@ def fit_to_square(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int,
     """Scale to fit `size` x `size` keeping the aspect ratio, then reflect-pad the rest.
 
     Returns:
-        ((size, size, 3) uint8, (content width, content height)).
+        ((size, size, 3) array, or (size, size) for a one-band image, of the image's pixel
+        type; (content width, content height)).
     """
     scale = size / max(image.size)
     content = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     pixels = np.asarray(image.resize(content, Image.Resampling.BICUBIC))
-    pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))
+    pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))[: pixels.ndim]
     return np.pad(pixels, pad, mode="reflect" if min(content) > 1 else "edge"), content
 
 

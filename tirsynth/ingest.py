@@ -143,7 +143,8 @@ def plan_pairs(
     """Give each pair its split and day/night; merge metadata rows.
 
     Day/night comes from, in order: a metadata row, `--daynight day|night`, the dataset's
-    layout, and with `--daynight auto` an estimate from the RGB image.
+    layout, and with `--daynight auto` an estimate from the RGB image. The split comes from
+    a metadata row's `split`, else the dataset's own split, else a hash of the key.
     """
     by_key = {row["key"]: row for row in meta_rows if row.get("key")}
     by_stem = {row["stem"]: row for row in meta_rows if row.get("stem")}
@@ -165,7 +166,7 @@ def plan_pairs(
             daynight, source = None, "auto"
         else:
             daynight, source = "unknown", "unknown"
-        split = pair.split or hash_split(pair.key, cfg.split)
+        split = extra.pop("split", None) or pair.split or hash_split(pair.key, cfg.split)
         planned.append(PlannedPair(pair, split, daynight, source, tuple(sorted(extra.items()))))
     unmatched = [row.get("key") or row["stem"] for row in meta_rows if id(row) not in used]
     return planned, unmatched

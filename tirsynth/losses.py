@@ -7,10 +7,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tirsynth import metrics
 from tirsynth.config import LossConfig
+from tirsynth.metrics import intensity
 
 GanMode = Literal["vanilla", "lsgan"]
-LUMA = (0.299, 0.587, 0.114)
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -26,14 +27,6 @@ def adversarial_loss(logits: torch.Tensor, real: bool, mode: GanMode = "vanilla"
     if mode == "lsgan":
         return F.mse_loss(logits, target)
     raise ValueError(f"gan mode {mode!r} is not vanilla or lsgan")
-
-
-def intensity(images: torch.Tensor) -> torch.Tensor:
-    """I = 0.299R + 0.587G + 0.114B (Eq. 4): (B, 3, H, W) -> (B, 1, H, W); one channel as is."""
-    if images.shape[1] == 1:
-        return images
-    weights = images.new_tensor(LUMA).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def gradient_map(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -60,8 +53,12 @@ def generator_loss(
         terms["g_gan"] = cfg.gan * adversarial_loss(fake_logits, True, cfg.gan_mode)
     if cfg.l1:
         terms["g_l1"] = cfg.l1 * F.l1_loss(fake, real)
-    if cfg.gradient or cfg.intensity:
+    if cfg.gradient or cfg.intensity or cfg.ssim:
         real_i, fake_i = intensity(real), intensity(fake)
+        if cfg.ssim:
+            # The metric's own SSIM (11x11 Gaussian window) on the 0..255 scale.
+            score = metrics.ssim(((real_i + 1) * 127.5)[:, 0], ((fake_i + 1) * 127.5)[:, 0])
+            terms["g_ssim"] = cfg.ssim * (1 - score.mean()).float()
         if cfg.intensity:
             terms["g_intensity"] = cfg.intensity * F.l1_loss(fake_i, real_i)
         if cfg.gradient:

@@ -14,8 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tirsynth.losses import intensity
-
 DATA_RANGE = 255.0
 # Per-image quality fields of generated images (generate's index, reports): with a real TIR
 # SSIM, PSNR and LBP; always structure and the histogram distances to real-TIR statistics.
@@ -31,6 +29,15 @@ QUALITY_FIELDS = (
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # scikit-image: int(truncate 3.5 * sigma + 0.5) -> an 11x11 window
 K1, K2 = 0.01, 0.03
+LUMA = (0.299, 0.587, 0.114)  # I, the paper's intensity (Eq. 4)
+
+
+def intensity(images: torch.Tensor) -> torch.Tensor:
+    """I = 0.299R + 0.587G + 0.114B (Eq. 4): (B, 3, H, W) -> (B, 1, H, W); one channel as is."""
+    if images.shape[1] == 1:
+        return images
+    weights = images.new_tensor(LUMA).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def to_gray_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ Used by training (validation each epoch) and by the stages that score generated 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,87 +17,84 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tirsynth import metrics
+from tirsynth import inference, metrics
 from tirsynth.data import PairDataset
 from tirsynth.shards import atomic_output
 
+METRICS = ("ssim", "psnr", "lbp_real", "lbp_fake")
 
-@torch.no_grad()
+
 def validate(
     gen: nn.Module,
-    dataset: PairDataset,
-    device: torch.device,
+    pairs: Iterable[dict[str, Any]],
+    size: int,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     max_samples: int = 0,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """SSIM, PSNR and LBP of G on `dataset`, overall, by day/night and by dataset.
+    """SSIM, PSNR and LBP of G on decoded `pairs` (`inference.iter_pairs`), overall, by
+    day/night and by dataset: each image translated at its full size exactly as `generate`
+    and `evaluate` do, so the best checkpoint is chosen under the protocol users get.
 
     Returns:
         {"ssim", "psnr", "lbp_real", "lbp_fake", "samples",
          "by_daynight": {name: {...}}, "by_dataset": {name: {...}}}
     """
-    per_image: dict[str, list[float]] = {}
-    tags: dict[str, list[str]] = {"daynight": [], "dataset": []}
-    was_training = gen.training
-    gen.eval()
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        fake = generate_batch(gen, batch["rgb"], device, autocast)
-        values = metrics.image_metrics(batch["tir"], fake.cpu())
-        for name, tensor in values.items():
-            per_image.setdefault(name, []).extend(tensor.tolist())
-        for field, values_of_field in tags.items():
-            values_of_field.extend(batch[field])
-        if max_samples and len(tags["dataset"]) >= max_samples:
-            break
-    gen.train(was_training)
-    count = min(len(tags["dataset"]), max_samples) if max_samples else len(tags["dataset"])
-    result: dict[str, Any] = _means(per_image, range(count))
-    result["samples"] = count
-    for field, groups in tags.items():
+    rows = []
+    for batch in batched(pairs, batch_size, max_samples):
+        outputs = translate_pairs(gen, batch, size, autocast)
+        for pair, output in zip(batch, outputs, strict=True):
+            rows.append({**score(pair["real"], output), **_tags(pair)})
+    result: dict[str, Any] = {**_means(rows), "samples": len(rows)}
+    for field in ("daynight", "dataset"):
         result[f"by_{field}"] = {
-            group: {**_means(per_image, idx), "samples": len(idx)}
-            for group in sorted(set(groups[:count]))
-            if (idx := [i for i in range(count) if groups[i] == group])
+            group: {**_means(members), "samples": len(members)}
+            for group in sorted({r[field] for r in rows})
+            if (members := [r for r in rows if r[field] == group])
         }
     return result
 
 
-def generate_batch(
-    gen: nn.Module, rgb: torch.Tensor, device: torch.device, autocast=contextlib.nullcontext
-) -> torch.Tensor:
-    """G(rgb) as float32 on `device`: (B, 3, S, S) in [-1, 1] -> (B, C, S, S) in [-1, 1]."""
-    with autocast():
-        return gen(rgb.to(device)).float()
+def translate_pairs(
+    gen: nn.Module, pairs: list[dict[str, Any]], size: int, autocast=contextlib.nullcontext
+) -> list[np.ndarray]:
+    """G in eval mode on the pairs' RGB images at their full size, (H, W) uint8 each."""
+    was_training = gen.training
+    gen.eval()
+    outputs = inference.translate_images(
+        [pair["rgb"] for pair in pairs],
+        size,
+        lambda pixels: inference.translate_squares(gen, pixels, autocast),
+    )
+    gen.train(was_training)
+    return outputs
 
 
-@torch.no_grad()
+def score(real: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """SSIM, PSNR and mean LBP of one output against its real TIR, both (H, W) uint8."""
+    reference = torch.from_numpy(real.astype(np.float64))[None]
+    test = torch.from_numpy(output.astype(np.float64))[None]
+    return {
+        "ssim": metrics.ssim(reference, test).item(),
+        "psnr": metrics.psnr(reference, test).item(),
+        "lbp_real": metrics.lbp(reference).double().mean().item(),
+        "lbp_fake": metrics.lbp(test).double().mean().item(),
+    }
+
+
 def write_sample_grid(
     gen: nn.Module,
-    dataset: PairDataset,
-    device: torch.device,
+    pairs: Iterable[dict[str, Any]],
+    size: int,
     autocast: Callable[[], Any],
     rows: int,
     path: Path,
 ) -> Path:
-    """A PNG grid, one row per sample: RGB | real TIR | generated TIR."""
-    from torchvision.utils import make_grid, save_image
-
-    batch = next(iter(DataLoader(dataset, batch_size=rows)))
-    was_training = gen.training
-    gen.eval()
-    fake = generate_batch(gen, batch["rgb"], device, autocast).cpu()
-    gen.train(was_training)
-
-    def as_rgb(t):  # (B, 1|3, S, S) -> (B, 3, S, S)
-        return t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t
-
-    tiles = torch.stack([batch["rgb"], as_rgb(batch["tir"]), as_rgb(fake)], dim=1)  # (B, 3, ...)
-    grid = make_grid(tiles.flatten(0, 1), nrow=3, padding=2, value_range=(-1, 1), normalize=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, durable=False) as handle:
-        save_image(grid, handle, format="png")
-    return path
+    """A PNG grid, one row per pair at full size: RGB | real TIR | generated TIR."""
+    chosen = list(itertools.islice(pairs, rows))
+    outputs = translate_pairs(gen, chosen, size, autocast)
+    grid = [[p["rgb_pixels"], p["real"], out] for p, out in zip(chosen, outputs, strict=True)]
+    return write_image_grid(grid, path)
 
 
 def real_tir_statistics(data: Path, image_size: int, batch_size: int = 16) -> dict[str, Any]:
@@ -118,11 +116,18 @@ def real_tir_statistics(data: Path, image_size: int, batch_size: int = 16) -> di
     }
 
 
-def _means(per_image: dict[str, list[float]], indices) -> dict[str, float]:
-    indices = list(indices)
-    return {
-        name: sum(values[i] for i in indices) / len(indices) for name, values in per_image.items()
-    }
+def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {name: sum(r[name] for r in rows) / len(rows) for name in METRICS if rows}
+
+
+def _tags(pair: dict[str, Any]) -> dict[str, str]:
+    return {"dataset": pair["dataset"], "daynight": pair["daynight"]}
+
+
+def batched(items: Iterable, size: int, limit: int = 0) -> Iterator[list]:
+    items = itertools.islice(items, limit or None)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 def write_image_grid(rows: list[list[np.ndarray]], path: Path, height: int = 160) -> Path:

@@ -1,11 +1,13 @@
 """GAN training: pair shards in; checkpoints, stats.jsonl, sample grids and config.yaml out.
 
 One worker trains in this process without Ray. `workers > 1` runs the same loop in N Ray
-Train workers under DDP (gloo on CPU, NCCL on GPU). G and D are wrapped separately. D sees
-real and fake pairs in one forward pass, and BatchNorm buffers are not re-synced before
-each forward (`broadcast_buffers=False`); together these avoid the in-place error of two
-forwards before one backward (pytorch/pytorch#175024). D's running statistics are never
-used (D only trains), so letting them differ between ranks costs nothing.
+Train workers under DDP (gloo on CPU, NCCL on GPU). G and D are wrapped separately. D runs
+on real and on fake pairs in separate forwards, as pix2pix, so that its BatchNorm sees the
+same kind of batch in its own step as in G's; BatchNorm buffers are not re-synced before
+each forward (`broadcast_buffers=False`), which is what lets two forwards precede one
+backward under DDP (pytorch/pytorch#175024). D's running statistics are never used (D only
+trains), so letting them differ between ranks costs nothing; G's, which inference uses, are
+averaged over the ranks before each checkpoint.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tirsynth import __version__
+from tirsynth import __version__, shards
 from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
-from tirsynth.config import LossConfig, TrainConfig, config_yaml, from_dict, to_dict
-from tirsynth.data import PairDataset
+from tirsynth.config import LoopConfig, LossConfig, TrainConfig, config_yaml, from_dict, to_dict
+from tirsynth.data import PairDataset, carve_val_keys
+from tirsynth.inference import iter_pairs
 from tirsynth.losses import discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
@@ -156,7 +160,9 @@ def train_worker(
     loop = cfg.train
     torch.manual_seed(loop.seed)  # the same initial weights on every rank
 
-    # 1. Data: each rank reads its own equal part of the train split.
+    # 1. Data: each rank reads its own equal part of the train split, less a carved val split
+    # when the data has none.
+    train_keys, val_rows = split_for_validation(data, cfg.data.val_split, announce=rank == 0)
     train_set = PairDataset(
         data,
         "train",
@@ -167,6 +173,7 @@ def train_worker(
         seed=loop.seed,
         even_ranks=True,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        keys=train_keys,
     )
     loader = DataLoader(
         train_set,
@@ -186,7 +193,8 @@ def train_worker(
     if loop.max_steps:
         total_steps = min(total_steps, loop.max_steps)
 
-    # 2. Models and optimizers (paper: Adam, lr 2e-4, betas (0.5, 0.999), no decay).
+    # 2. Models and optimizers (paper: Adam, lr 2e-4, betas (0.5, 0.999), no decay), and the
+    # averaged G that validation and the checkpoints' users see when train.ema_power is set.
     memory_format = torch.channels_last if loop.channels_last else torch.contiguous_format
     gen = build_generator(cfg.model).to(device, memory_format=memory_format)
     disc = build_discriminator(cfg.model).to(device, memory_format=memory_format)
@@ -195,61 +203,21 @@ def train_worker(
     opt_d = torch.optim.Adam(disc.parameters(), lr=loop.lr, betas=betas)
     scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16")
     autocast = autocast_context(device, loop.precision)
+    ema = power_ema(gen, loop.ema_power) if loop.ema_power is not None and rank == 0 else None
+    trainees = Trainees(gen, disc, opt_g, opt_d, scaler, ema)
 
     # 3. Resume, or measure the real-TIR statistics that generation reports compare against.
     step, best_ssim, last_val, tir_stats = 0, -math.inf, {}, None
     if resume:
         saved = load_checkpoint(out / CHECKPOINTS / LATEST)
-        gen.load_state_dict(saved["generator"])
-        disc.load_state_dict(saved["discriminator"])
-        opt_g.load_state_dict(saved["optim_g"])
-        opt_d.load_state_dict(saved["optim_d"])
-        scaler.load_state_dict(saved["scaler"])
+        trainees.load_state_dict(saved)
         step, best_ssim, last_val = saved["step"], saved["best_ssim"], saved["val"]
         tir_stats = saved["tir_stats"]
     elif rank == 0:
         tir_stats = real_tir_statistics(data, cfg.data.image_size)
     if world > 1:
         gen, disc = _wrap_ddp(gen), _wrap_ddp(disc)
-    val_set = _val_dataset(data, cfg) if rank == 0 else None
     stats_log = StatsLog(out, step) if rank == 0 else None
-
-    def save(path_name: str, val: dict[str, Any]) -> None:
-        state = checkpoint_state(
-            cfg,
-            data,
-            gen,
-            disc,
-            opt_g,
-            opt_d,
-            scaler,
-            step,
-            steps_per_epoch,
-            best_ssim,
-            val,
-            tir_stats,
-        )
-        save_checkpoint(out / CHECKPOINTS / path_name, state)
-
-    def end_of_epoch_or_run() -> None:
-        nonlocal best_ssim, last_val
-        epoch = step / steps_per_epoch
-        if val_set is not None:
-            last_val = validate(_unwrap(gen), val_set, device, autocast, cfg.data.val_samples)
-            stats_log.write({"kind": "val", "step": step, "epoch": epoch, **last_val})
-            write_sample_grid(
-                _unwrap(gen),
-                val_set,
-                device,
-                autocast,
-                loop.sample_count,
-                out / "samples" / f"step_{step:08d}.png",
-            )
-        improved = bool(last_val) and last_val["ssim"] > best_ssim
-        if improved:
-            best_ssim = last_val["ssim"]  # before saving latest.pt, which a resume reads
-            save(BEST, last_val)
-        save(LATEST, last_val)
 
     # 4. The loop: count steps; an epoch is steps_per_epoch steps on every rank.
     bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step")
@@ -262,6 +230,7 @@ def train_worker(
                 continue  # resuming mid-epoch: skip what the checkpoint already trained on
             # Dropout noise is a function of (seed, rank, step): resume is exact anywhere.
             torch.manual_seed(_step_seed(loop.seed, rank, step))
+            set_learning_rate((opt_g, opt_d), loop, step, total_steps)
             losses = train_step(
                 batch, gen, disc, opt_g, opt_d, cfg.loss, autocast, scaler, device, memory_format
             )
@@ -270,6 +239,8 @@ def train_worker(
             window_steps += 1
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingDiverged(_divergence_message(step, losses, out))
+            if ema is not None:
+                ema.update_parameters(_unwrap(gen))
             if rank == 0 and (step % loop.log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * loop.batch_size * world / elapsed
@@ -279,22 +250,110 @@ def train_worker(
                     "epoch": step / steps_per_epoch,
                     **losses,
                     "samples_per_s": rate,
+                    "lr": opt_g.param_groups[0]["lr"],
                 }
                 stats_log.write(record)
                 bar.set_postfix(d=f"{losses['d']:.3g}", g=f"{losses['g']:.3g}", img_s=f"{rate:.1f}")
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
-            if rank == 0 and loop.checkpoint_every and step % loop.checkpoint_every == 0:
-                save(f"step_{step:08d}.pt", last_val)
-                save(LATEST, last_val)
-            if step % steps_per_epoch == 0 or step == total_steps:
-                validation_due = (step // steps_per_epoch) % loop.val_every == 0
-                if rank == 0 and (validation_due or step == total_steps):
-                    end_of_epoch_or_run()
-                break
+            epoch_ends = step % steps_per_epoch == 0 or step == total_steps
+            keep_step = bool(loop.checkpoint_every) and step % loop.checkpoint_every == 0
+            if epoch_ends or keep_step:
+                _average_buffers(gen, world)  # every rank, at the same steps
+            if rank == 0 and keep_step:
+                state = checkpoint_state(
+                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats
+                )
+                save_checkpoint(out / CHECKPOINTS / f"step_{step:08d}.pt", state)
+                save_checkpoint(out / CHECKPOINTS / LATEST, state)
+            if not epoch_ends:
+                continue
+            validation_due = (step // steps_per_epoch) % loop.val_every == 0
+            if rank == 0 and (validation_due or step == total_steps):
+                # Validate and sample the model users will get: the averaged G when there is one.
+                served = ema.module if ema is not None else _unwrap(gen)
+                if val_rows:
+                    last_val = validate(
+                        served,
+                        iter_pairs(data, val_rows),
+                        cfg.data.image_size,
+                        autocast,
+                        cfg.data.val_samples,
+                    )
+                    epoch_now = step / steps_per_epoch
+                    stats_log.write({"kind": "val", "step": step, "epoch": epoch_now, **last_val})
+                    write_sample_grid(
+                        served,
+                        iter_pairs(data, val_rows),
+                        cfg.data.image_size,
+                        autocast,
+                        loop.sample_count,
+                        out / "samples" / f"step_{step:08d}.png",
+                    )
+                improved = bool(last_val) and last_val["ssim"] > best_ssim
+                if improved:
+                    best_ssim = last_val["ssim"]
+                state = checkpoint_state(
+                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats
+                )
+                if improved:  # best.pt before latest.pt, which a resume reads
+                    save_checkpoint(out / CHECKPOINTS / BEST, state)
+                save_checkpoint(out / CHECKPOINTS / LATEST, state)
+            break
     bar.close()
     if stats_log is not None:
         stats_log.close()
+
+
+def split_for_validation(
+    data: Path, val_split: str, announce: bool = True
+) -> tuple[list[str] | None, list[dict[str, Any]]]:
+    """(train keys, None for all of them; index rows to validate on).
+
+    Data with no `val_split` (LLVIP and KAIST publish only train and test) validates on a
+    deterministic tenth of train, carved out of training, so best.pt still exists.
+    """
+    rows = shards.read_index(data)
+    val_rows = [r for r in rows if r["split"] == val_split]
+    if val_rows:
+        return None, val_rows
+    carved = set(carve_val_keys(data))
+    if announce:
+        print(
+            f"note: {data} has no {val_split!r} split; validating on {len(carved)} train pairs "
+            "held out of training (a fixed tenth, chosen by key hash)"
+        )
+    train_keys = [r["key"] for r in rows if r["split"] == "train" and r["key"] not in carved]
+    return train_keys, [r for r in rows if r["split"] == "train" and r["key"] in carved]
+
+
+def power_ema(gen: nn.Module, gamma: float) -> AveragedModel:
+    """An average of G's weights and BatchNorm statistics over training, step k weighted by
+    k**gamma: a power-function EMA (Karras et al. 2024, "Analyzing and Improving the Training
+    Dynamics of Diffusion Models"). It has no time constant to tune to the run's length:
+    gamma 0 is the plain average, larger values forget early weights faster."""
+
+    def update(averaged, current, n_averaged):
+        # Called per dtype group; after n updates, beta_n = (1 - 1/(n + 1)) ** (gamma + 1).
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)  # BatchNorm's batch counters
+            return
+        beta = (1 - 1 / (int(n_averaged) + 1)) ** (gamma + 1)
+        torch._foreach_lerp_(averaged, current, 1 - beta)
+
+    return AveragedModel(gen, multi_avg_fn=update, use_buffers=True)
+
+
+def set_learning_rate(optimizers, loop: LoopConfig, step: int, total_steps: int) -> None:
+    """The constant rate of the paper, or with `train.lr_decay_from` < 1 pix2pix's linear
+    decay to zero over the last part of the run (pix2pix: the second half)."""
+    decay_start = loop.lr_decay_from * total_steps
+    factor = 1.0
+    if step >= decay_start and loop.lr_decay_from < 1:
+        factor = 1 - (step - decay_start) / (total_steps - decay_start + 1)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = loop.lr * factor
 
 
 def train_step(
@@ -317,14 +376,17 @@ def train_step(
     cond = batch["rgb"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
     real = batch["tir"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 1, S, S)
     with autocast():
-        fake = gen(cond)
+        fake = gen(cond)  # (B, C, S, S)
+    # A C-channel generator learns the TIR replicated in C channels, as pix2pix on gray images.
+    real = real.expand(-1, fake.shape[1], -1, -1)
 
-    # 1. D on real and detached fake pairs, in one forward pass (see the module docstring).
+    # 1. D on real pairs and on detached fake pairs, in separate forwards as pix2pix, so its
+    # BatchNorm normalises each kind with its own statistics, as in G's step below.
     _set_requires_grad(disc, True)
     opt_d.zero_grad(set_to_none=True)
     with autocast():
-        logits = disc(torch.cat([cond, cond]), torch.cat([real, fake.detach()]))
-    real_logits, fake_logits = logits.float().chunk(2)
+        real_logits = disc(cond, real).float()
+        fake_logits = disc(cond, fake.detach()).float()
     loss_d = discriminator_loss(real_logits, fake_logits, loss_cfg.gan_mode)
     scaler.scale(loss_d).backward()
     scaler.step(opt_d)
@@ -356,17 +418,51 @@ def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+@dataclass
+class Trainees:
+    """G, D, their optimizers, the grad scaler and G's average: what a checkpoint holds."""
+
+    gen: nn.Module
+    disc: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "generator": _unwrap(self.gen).state_dict(),
+            "discriminator": _unwrap(self.disc).state_dict(),
+            "optim_g": self.opt_g.state_dict(),
+            "optim_d": self.opt_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.ema is not None:
+            state["generator_ema"] = self.ema.module.state_dict()  # what inference loads
+        return state
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore a checkpoint. A run may resume with another precision (a grad scaler
+        only exists for fp16, and starts afresh) and with an average switched on (it starts
+        from the resumed weights)."""
+        _unwrap(self.gen).load_state_dict(saved["generator"])
+        _unwrap(self.disc).load_state_dict(saved["discriminator"])
+        self.opt_g.load_state_dict(saved["optim_g"])
+        self.opt_d.load_state_dict(saved["optim_d"])
+        if self.scaler.is_enabled() and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and "generator_ema" in saved:
+            self.ema.module.load_state_dict(saved["generator_ema"])
+            self.ema.n_averaged.fill_(saved["step"])
+
+
 def checkpoint_state(
-    cfg, data, gen, disc, opt_g, opt_d, scaler, step, steps_per_epoch, best_ssim, val, tir_stats
+    cfg, data, trainees, step, steps_per_epoch, best_ssim, val, tir_stats
 ) -> dict[str, Any]:
     """Everything a resume, `generate` and `evaluate` need, as tensors and plain values."""
     return {
         "config": to_dict(cfg),
-        "generator": _unwrap(gen).state_dict(),
-        "discriminator": _unwrap(disc).state_dict(),
-        "optim_g": opt_g.state_dict(),
-        "optim_d": opt_d.state_dict(),
-        "scaler": scaler.state_dict(),
+        **trainees.state_dict(),
         "step": step,
         "epoch": step // steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
@@ -465,14 +561,6 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
                 handle.write(str(err).encode())
 
 
-def _val_dataset(data: Path, cfg: TrainConfig) -> PairDataset | None:
-    try:
-        return PairDataset(data, cfg.data.val_split, image_size=cfg.data.image_size)
-    except ValueError:
-        print(f"note: {data} has no {cfg.data.val_split!r} split; training without validation")
-        return None
-
-
 def _distributed_position() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -515,6 +603,17 @@ def _wrap_ddp(module: nn.Module) -> DistributedDataParallel:
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
         return DistributedDataParallel(module, forward_sync_buffers=False)
     return DistributedDataParallel(module, broadcast_buffers=False)
+
+
+def _average_buffers(gen: nn.Module, world: int) -> None:
+    """Average G's BatchNorm running statistics over the ranks before rank 0 saves them;
+    each rank estimates them from its own part of the data."""
+    if world == 1:
+        return
+    for buffer in _unwrap(gen).buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tirsynth.models.unet import init_pix2pix
+
 
 class PatchDiscriminator(nn.Module):
     """Convs 64-128-256-512-1, 4x4, strides 2,2,2,1,1, padding 1, LeakyReLU 0.2 after all
@@ -34,6 +36,7 @@ class PatchDiscriminator(nn.Module):
             width = width_out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.model = nn.Sequential(*layers)
+        init_pix2pix(self)
 
     def forward(self, cond: torch.Tensor, tir: torch.Tensor) -> torch.Tensor:
         # (B, C_rgb, H, W), (B, C_tir, H, W) -> (B, 1, H/8 - 2, W/8 - 2) patch logits

@@ -61,12 +61,14 @@ class UNetGenerator(nn.Module):
         for e in range(depth, 0, -1):
             width_in = channels[e] * (2 if e in self.skips else 1)
             width_out = out_channels if e == 1 else channels[e - 1]
-            uses_dropout = dropout > 0 and depth - 3 <= e - 1 < depth - 1 and e > 1
+            # pix2pix's unet_256: the three decoder layers after the innermost one.
+            uses_dropout = dropout > 0 and depth - 3 <= e < depth and e > 1
             self.decoder.append(
                 decoder_layer(
                     width_in, width_out, outermost=e == 1, dropout=dropout if uses_dropout else 0.0
                 )
             )
+        init_pix2pix(self)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
         features = []
@@ -84,6 +86,20 @@ class UNetGenerator(nn.Module):
     def skip_pairs(self) -> list[tuple[int, int]]:
         """(encoder layer, decoder layer) pairs in the paper's 1..2*depth numbering."""
         return [(e, 2 * self.depth - e) for e in self.skips]
+
+
+def init_pix2pix(module: nn.Module, gain: float = 0.02) -> None:
+    """pix2pix's `init_type normal`: conv weights N(0, gain), BatchNorm weights N(1, gain),
+    biases 0. GAN training on small datasets is sensitive to PyTorch's default instead."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(layer.weight, 0.0, gain)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.normal_(layer.weight, 1.0, gain)
+        else:
+            continue
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def encoder_layer(width_in: int, width_out: int, *, norm: bool, activation: bool) -> nn.Sequential:

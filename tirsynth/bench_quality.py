@@ -1,0 +1,199 @@
+"""The quality benchmark: train a config on the shared real pairs for a fixed budget, several
+seeds, and score it on a fixed test split beside the RGB-luma baselines.
+
+One fixed split of RoadScene + LLVIP (by a hash of dataset and stem: 70% train, 10% val,
+20% test, LLVIP included in each) is ingested once under the output folder. Each seed
+trains the config with `train.checkpoint_every` set so that the last `last` snapshots are
+kept; each snapshot is scored by `evaluate` (the user's protocol: full size, one channel)
+and a seed's figure is their mean, because a GAN's score moves by hundredths between
+checkpoints. The table gives the mean over seeds and the spread (max - min).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tirsynth import evaluate, ingest, shards, train
+from tirsynth.checkpoint import save_checkpoint
+from tirsynth.config import EvaluateConfig, IngestConfig, TrainConfig, load_config, to_dict
+
+SPLIT = (0.7, 0.1, 0.2)
+# The fast proxy for screening ideas: 128 px, half width, depth 7 (a 128 side allows 7).
+PROXY = ("data.image_size=128", "model.ngf=32", "model.ndf=32", "model.depth=7")
+GROUPS = ("overall", "roadscene", "llvip", "day", "night")
+METRICS = ("ssim", "psnr", "lbp_fake")
+
+
+@dataclass(frozen=True)
+class QualityBench:
+    config: str
+    overrides: tuple[str, ...] = ()
+    shared: str = "../shared/data"  # holds roadscene/, llvip/ and roadscene-daynight.csv
+    out: str = "runs/bench-quality"
+    seeds: int = 2
+    steps: int = 1600
+    last: int = 3  # snapshots per seed to average (the last ones, evenly spaced)
+    proxy: bool = False
+    first_seed: int = 0  # run seeds first_seed .. first_seed + seeds - 1
+
+
+def run(bench: QualityBench, progress: bool = True) -> Iterator[str]:
+    """Train and score each seed (reusing finished seeds in `out`), then print the table."""
+    out = Path(bench.out)
+    data = prepare_data(Path(bench.shared), out / "data")
+    overrides = [*(PROXY if bench.proxy else ()), *bench.overrides]
+    cfg = load_config(bench.config, TrainConfig, overrides)
+    every = max(1, bench.steps // (bench.last + 1))  # 1600 steps, last 3: 800, 1200, 1600
+    cfg = replace(
+        cfg,
+        train=replace(
+            cfg.train, max_steps=bench.steps, epochs=10**6, checkpoint_every=every, val_every=10**6
+        ),
+    )
+    name = Path(bench.config).stem + ("-proxy" if bench.proxy else "")
+    per_seed = []
+    for seed in range(bench.first_seed, bench.first_seed + bench.seeds):
+        seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+        run_dir = out / name / f"seed{seed}"
+        per_seed.append(train_and_score(seed_cfg, data, run_dir, bench.last, progress))
+        yield f"seed {seed}: " + _one_line(per_seed[-1])
+    seeds = f"{bench.first_seed}-{bench.first_seed + bench.seeds - 1}"
+    summary = summarize_seeds(per_seed)
+    shards.write_json(
+        out / name / f"quality-seeds{seeds}.json", {"config": to_dict(cfg), **summary}
+    )
+    yield from format_table(name, summary, bench.seeds)
+
+
+def prepare_data(shared: Path, data: Path) -> Path:
+    """The shared pairs as pair shards with the benchmark's fixed split (once)."""
+    if (data / shards.INDEX).exists():
+        return data
+    roadscene, llvip = shared / "roadscene", shared / "llvip"
+    for needed in (roadscene, llvip, shared / "roadscene-daynight.csv"):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} is missing: the quality benchmark needs it")
+    daynight = {
+        r["stem"]: r["daynight"] for r in csv.DictReader(open(shared / "roadscene-daynight.csv"))
+    }
+    rows = [{"stem": p.stem, "daynight": daynight[p.stem], "split": _split("roadscene", p.stem)}
+            for p in sorted((roadscene / "crop_LR_visible").iterdir())]  # fmt: skip
+    rows += [{"stem": p.stem, "daynight": "night", "split": _split("llvip", p.stem)}
+             for p in sorted((llvip / "visible" / "train").iterdir())]  # fmt: skip
+    data.parent.mkdir(parents=True, exist_ok=True)
+    meta = data.parent / "split.csv"
+    with meta.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["stem", "daynight", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    ingest.run(IngestConfig(sources=(str(roadscene), str(llvip)), meta=str(meta), out=str(data)))
+    return data
+
+
+def train_and_score(
+    cfg: TrainConfig, data: Path, run_dir: Path, last: int, progress: bool
+) -> dict[str, dict[str, float]]:
+    """{group: {metric: value}} for the model (mean of its last snapshots) and baselines."""
+    scores = run_dir / "scores.json"
+    if scores.exists():
+        return json.loads(scores.read_text())
+    latest = run_dir / train.CHECKPOINTS / train.LATEST
+    done = latest.exists() and train.load_checkpoint(latest)["step"] >= cfg.train.max_steps
+    if not done:
+        train.run(cfg, data, run_dir, resume=latest.exists(), progress=progress)
+    snapshots = sorted((run_dir / train.CHECKPOINTS).glob("step_*.pt"))[-last:]
+    evaluated = {"model": snapshots}
+    if cfg.train.ema_power is not None:
+        # The same run's G without the average: the paper's model, trained on the same
+        # trajectory (the average changes no training step), so it costs no second run.
+        evaluated["model-raw"] = [_without_average(p, run_dir / "raw") for p in snapshots]
+    paths = [p for group in evaluated.values() for p in group]
+    names = [f"{group}-{p.stem}" for group, members in evaluated.items() for p in members]
+    result = evaluate.run(
+        EvaluateConfig(
+            data=str(data),
+            out=str(run_dir / "evaluation"),
+            checkpoint=str(paths[0]),
+            compare=tuple(map(str, paths[1:])),
+            names=tuple(names),
+        ),
+        progress=False,
+    ).results
+    table = {
+        group: _mean_of([_groups(result[f"{group}-{p.stem}"]) for p in members])
+        for group, members in evaluated.items()
+    }
+    for baseline in evaluate.BASELINES:
+        table[baseline] = _groups(result[baseline])
+    shards.write_json(scores, table)
+    return table
+
+
+def _without_average(checkpoint: Path, folder: Path) -> Path:
+    state = train.load_checkpoint(checkpoint)
+    state.pop("generator_ema", None)
+    return save_checkpoint(folder / checkpoint.name, state)
+
+
+def summarize_seeds(per_seed: list[dict]) -> dict[str, Any]:
+    """{model: {group: {metric: {"mean", "spread", "values"}}}} over seeds."""
+    summary: dict[str, Any] = {}
+    for model in per_seed[0]:
+        summary[model] = {}
+        for group in GROUPS:
+            summary[model][group] = {}
+            for metric in METRICS:
+                values = [seed[model][group][metric] for seed in per_seed]
+                summary[model][group][metric] = {
+                    "mean": statistics.fmean(values),
+                    "spread": max(values) - min(values),
+                    "values": values,
+                }
+    return summary
+
+
+def format_table(name: str, summary: dict[str, Any], seeds: int) -> Iterator[str]:
+    yield f"{name}: mean over {seeds} seed(s) (spread = max - min); test split of the shared data"
+    for metric in METRICS:
+        yield f"{metric:<16}" + "".join(f"{g:>17}" for g in GROUPS)
+        for model, groups in summary.items():
+            cells = [groups[g][metric] for g in GROUPS]
+            yield f"  {model:<14}" + "".join(
+                f"{c['mean']:>10.4f} ({c['spread']:.3f})" for c in cells
+            )
+
+
+def _groups(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    found = {
+        "overall": result["overall"],
+        **result["by_dataset"],
+        **result["by_daynight"],
+    }
+    return {g: {m: found[g][m] for m in METRICS} for g in GROUPS if g in found}
+
+
+def _mean_of(tables: list[dict]) -> dict[str, dict[str, float]]:
+    return {
+        group: {m: statistics.fmean(t[group][m] for t in tables) for m in METRICS}
+        for group in tables[0]
+    }
+
+
+def _one_line(table: dict) -> str:
+    return ", ".join(
+        f"{model} SSIM {groups['overall']['ssim']:.4f}" for model, groups in table.items()
+    )
+
+
+def _split(dataset: str, stem: str) -> str:
+    fraction = int(hashlib.sha256(f"{dataset}/{stem}".encode()).hexdigest()[:8], 16) / 2**32
+    if fraction < SPLIT[0]:
+        return "train"
+    return "val" if fraction < SPLIT[0] + SPLIT[1] else "test"
