@@ -31,12 +31,13 @@ def test_quality_bench_on_the_shared_pairs(shared_data, tmp_path):
         "step_00000006.pt",
     ]
     per_image = shards.read_table(seed0 / "evaluation" / "evaluation.parquet")
-    assert {r["model"] for r in per_image} == {"step_00000004", "step_00000006", "rgb-luma",
-                                               "inverted-luma"}  # fmt: skip
-    ssim = {
-        m: [r["ssim"] for r in per_image if r["model"] == m]
-        for m in ("step_00000004", "step_00000006")
-    }
+    snapshots = ("model-step_00000004", "model-step_00000006")
+    assert {r["model"] for r in per_image} == {*snapshots, "rgb-luma", "inverted-luma"}
+    ssim = {m: [r["ssim"] for r in per_image if r["model"] == m] for m in snapshots}
+    seed1 = shards.read_table(
+        tmp_path / "bq" / "tiny" / "seed1" / "evaluation" / "evaluation.parquet"
+    )
+    assert "rgb-luma" not in {r["model"] for r in seed1}  # baselines are scored once
     scores = json.loads((seed0 / "scores.json").read_text())
     mean = sum(sum(v) / len(v) for v in ssim.values()) / 2
     assert abs(scores["model"]["overall"]["ssim"] - mean) < 1e-9

@@ -210,6 +210,20 @@ def test_min_structure_moves_outputs_to_rejects(tmp_path, tiny_checkpoint, ray_s
     assert result.rejects[0]["reason"].startswith("structure below --min-structure 1.0")
 
 
+def test_default_run_rejects_no_readable_image(tmp_path, tiny_checkpoint, ray_session):
+    """Every quality gate is off by default: random noise, whose structure score (an SSIM)
+    is often negative, converts in full."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        path = tmp_path / "in" / f"noise{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)).save(path)
+    cfg = generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert cfg.min_structure is None
+    result = generate.run(cfg, progress=False)
+    assert result.total == 12 and result.rejects == []
+
+
 def test_pair_shards_input_is_scored_against_the_real_tir(
     tmp_path, learnable_shards, tiny_checkpoint, ray_session
 ):
@@ -290,3 +304,80 @@ def test_killed_generate_resumes_without_duplicates_or_gaps(tmp_path, tiny_check
     stored = [s["__key__"] for p in sorted(out.glob("tir-*.tar")) for s in shards.read_shard(p)]
     assert sorted(stored) == sorted(keys)  # no orphan shard, no sample outside the index
     assert not list(out.glob(".*.tmp"))
+
+
+def test_resume_with_other_output_options_is_refused(tmp_path, tiny_checkpoint, ray_session):
+    write_image(tmp_path / "in" / "a.png", (40, 30), 0)
+    cfg = generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, precision="fp32")
+    generate.run(cfg, progress=False)
+    # A touched checkpoint (same bytes) is the same checkpoint: the rerun resumes.
+    os.utime(tiny_checkpoint)
+    assert generate.run(cfg, progress=False).generated == 0
+    other = generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, precision="bf16")
+    with pytest.raises(FileExistsError, match="precision 'fp32' -> 'bf16'.*--overwrite"):
+        generate.run(other, progress=False)
+
+
+def test_any_per_image_failure_becomes_that_images_reject(tmp_path, monkeypatch):
+    """A codec bug (any exception, not only ImageRejected) costs one image, with its text."""
+    for name in ("a", "bad", "c"):
+        write_image(tmp_path / f"{name}.png", (20, 16), 0)
+    real_decode = inference.decode_rgb
+
+    def flaky_codec(data, max_pixels):
+        image = real_decode(data, max_pixels)
+        if image.size == (20, 16) and flaky_codec.calls == 1:
+            flaky_codec.calls += 1
+            raise RuntimeError("codec exploded")
+        flaky_codec.calls += 1
+        return image
+
+    flaky_codec.calls = 0
+    monkeypatch.setattr(inference, "decode_rgb", flaky_codec)
+    batch = {
+        "key": np.array(["a", "bad", "c"], dtype=object),
+        "path": np.array([str(tmp_path / f"{n}.png") for n in ("a", "bad", "c")], dtype=object),
+        "shard": np.array(["", "", ""], dtype=object),
+    }
+    out = generate.preprocess_batch(batch, 16, str(tmp_path), 10**8, False)
+    assert list(out["error"]) == ["", "failed: RuntimeError: codec exploded", ""]
+    assert out["width"].tolist() == [20, 0, 20]
+
+
+def test_transient_read_errors_are_retried_then_marked_retryable(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "a.png"
+    write_image(path, (20, 16), 0)
+    real_read = Path.read_bytes
+    failures = {"left": 1}
+
+    def flaky_read(self):
+        if self == path and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky_read)
+    assert generate.read_with_retries(path) == real_read(path)  # failed once, then read
+    failures["left"] = 10
+    batch = {"key": np.array(["a"], dtype=object), "path": np.array([str(path)], dtype=object),
+             "shard": np.array([""], dtype=object)}  # fmt: skip
+    out = generate.preprocess_batch(batch, 16, str(tmp_path), 10**8, False)
+    assert out["error"][0] == "unreadable file (retryable): Input/output error"
+    missing = {**batch, "path": np.array([str(tmp_path / "gone.png")], dtype=object)}
+    error = generate.preprocess_batch(missing, 16, str(tmp_path), 10**8, False)["error"][0]
+    assert error.startswith("unreadable file: ") and "retryable" not in error
+
+
+def test_retry_rejects_reprocesses_earlier_rejects(tmp_path, tiny_checkpoint, ray_session):
+    write_image(tmp_path / "in" / "a.png", (40, 30), 0)
+    (tmp_path / "in" / "b.png").write_bytes(b"half a file")  # e.g. still being copied
+    cfg = generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    first = generate.run(cfg, progress=False)
+    assert first.total == 1 and len(first.rejects) == 1
+    write_image(tmp_path / "in" / "b.png", (40, 30), 1)
+    assert generate.run(cfg, progress=False).total == 1  # a plain resume skips rejects
+    retried = generate.run(GenerateConfig(**{**cfg.__dict__, "retry_rejects": True}),
+                           progress=False)  # fmt: skip
+    assert retried.total == 2 and retried.rejects == [] and retried.generated == 1

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,25 @@ def test_demo_pipeline_runs_then_skips_what_is_complete(tmp_path, capsys, ray_se
     assert json.loads((outputs["sparse"] / "report.json").read_text())["step"] == 3
     assert "running train" in stage_log(capsys)
 
+    # What a checkout, an editor or a copy does: new modification times, the same bytes.
+    for touched in ("configs/sparse.yaml", "tirsynth/sample/roadscene-daynight.csv"):
+        os.utime(PIPELINES.parent / touched)
+    os.utime(outputs["data"] / "index.parquet")
     pipeline.run(PIPELINES / "demo.yaml", variables, progress=False)
     log = stage_log(capsys)
     assert log.count("up to date, skipped") == 5 and "running" not in log
 
-    pipeline.run(PIPELINES / "demo.yaml", {**variables, "steps": 4}, progress=False)
+    checkpoints = sorted((outputs["sparse"] / "checkpoints").iterdir())
+    again = pipeline.run(PIPELINES / "demo.yaml", {**variables, "steps": 4}, progress=False)
     log = stage_log(capsys)
     assert "[data] up to date" in log and "[sparse] running train" in log
+    assert "[sparse] its options changed since the last run: running into" in log
     assert "[evaluation] running evaluate" in log  # downstream of the changed stage
-    assert json.loads((outputs["sparse"] / "report.json").read_text())["step"] == 4
+    assert again["sparse"] == outputs["sparse"].with_name("sparse-2")
+    assert json.loads((again["sparse"] / "report.json").read_text())["step"] == 4
+    # The earlier run is kept whole: a pipeline never deletes a trained model.
+    assert sorted((outputs["sparse"] / "checkpoints").iterdir()) == checkpoints
+    assert json.loads((outputs["sparse"] / "report.json").read_text())["step"] == 3
 
 
 def test_paper_pipeline_with_a_tiny_budget(tmp_path, learnable_shards, ray_session, monkeypatch):

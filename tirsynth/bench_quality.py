@@ -62,7 +62,8 @@ def run(bench: QualityBench, progress: bool = True) -> Iterator[str]:
     for seed in range(bench.first_seed, bench.first_seed + bench.seeds):
         seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed))
         run_dir = out / name / f"seed{seed}"
-        per_seed.append(train_and_score(seed_cfg, data, run_dir, bench.last, progress))
+        baselines = {b: per_seed[0][b] for b in evaluate.BASELINES} if per_seed else None
+        per_seed.append(train_and_score(seed_cfg, data, run_dir, bench.last, progress, baselines))
         yield f"seed {seed}: " + _one_line(per_seed[-1])
     seeds = f"{bench.first_seed}-{bench.first_seed + bench.seeds - 1}"
     summary = summarize_seeds(per_seed)
@@ -98,9 +99,15 @@ def prepare_data(shared: Path, data: Path) -> Path:
 
 
 def train_and_score(
-    cfg: TrainConfig, data: Path, run_dir: Path, last: int, progress: bool
+    cfg: TrainConfig,
+    data: Path,
+    run_dir: Path,
+    last: int,
+    progress: bool,
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{group: {metric: value}} for the model (mean of its last snapshots) and baselines."""
+    """{model: {group: {metric: value}}} for the model (mean of its last snapshots) and the
+    luma baselines (scored here unless `baselines` already holds them: they have no seed)."""
     scores = run_dir / "scores.json"
     if scores.exists():
         return json.loads(scores.read_text())
@@ -123,6 +130,7 @@ def train_and_score(
             checkpoint=str(paths[0]),
             compare=tuple(map(str, paths[1:])),
             names=tuple(names),
+            baselines=baselines is None,
         ),
         progress=False,
     ).results
@@ -131,7 +139,7 @@ def train_and_score(
         for group, members in evaluated.items()
     }
     for baseline in evaluate.BASELINES:
-        table[baseline] = _groups(result[baseline])
+        table[baseline] = baselines[baseline] if baselines else _groups(result[baseline])
     shards.write_json(scores, table)
     return table
 

@@ -137,22 +137,44 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(root, as_json) -> None:
-    """Counts of a pair-shard folder by split, dataset and day/night; rejects by reason."""
-    summary = shards.summarize(root)
+    """What a folder tirsynth wrote holds: pair shards (counts by split, dataset and
+    day/night), TIR shards, a training run, an evaluation or a pipeline's output."""
+    from tirsynth import folders
+
+    summary = folders.describe(root)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(
-        f"{root}: {summary['pairs']} pairs in {summary['shards']} shards "
-        f"(status: {summary['status']})"
-    )
-    for title, field in (
-        ("split", "by_split"),
-        ("dataset", "by_dataset"),
-        ("day/night", "by_daynight"),
-        ("dataset/day-night", "by_dataset_daynight"),
-        ("rejects by reason", "rejects_by_reason"),
-    ):
+    kind = summary["kind"]
+    if kind == "unknown":
+        click.echo(summary["message"])
+        sys.exit(1)
+    if kind == "pair shards":
+        click.echo(
+            f"{root}: {summary['pairs']} pairs in {summary['shards']} shards "
+            f"(status: {summary['status']})"
+        )
+        sections = (
+            ("split", "by_split"),
+            ("dataset", "by_dataset"),
+            ("day/night", "by_daynight"),
+            ("dataset/day-night", "by_dataset_daynight"),
+            ("rejects by reason", "rejects_by_reason"),
+        )
+    elif kind == "TIR shards":
+        click.echo(
+            f"{root}: TIR shards, {summary['outputs']} generated images in {summary['shards']} "
+            f"shards (status: {summary['status']}) from {summary['input_kind']} input "
+            f"{summary['input']} with {summary['checkpoint']}; {summary['rejects']} rejects"
+        )
+        sections = (("rejects by reason", "rejects_by_reason"),)
+    else:
+        click.echo(f"{root}: {kind}")
+        for name, value in summary.items():
+            if name not in ("kind", "root"):
+                click.echo(f"  {name}: {json.dumps(value) if isinstance(value, dict) else value}")
+        return
+    for title, field in sections:
         counts = summary[field]
         if counts:
             click.echo(f"  {title}:")
@@ -230,11 +252,15 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
 @click.option("--keep-rgb", is_flag=True, default=None, help="Also store each input RGB.")
 @click.option(
     "--min-structure",
-    type=click.FloatRange(0, 1),
-    help="Reject outputs whose structure score is below this [0].",
+    type=click.FloatRange(-1, 1),
+    help="Reject outputs whose structure score (an SSIM, -1..1) is below this [no gate].",
 )
 @click.option("--shard-size", type=click.IntRange(min=1), help="Samples per shard [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUT.")
+@click.option(
+    "--retry-rejects", is_flag=True, default=None,
+    help="On resume, process the earlier rejects again (e.g. read errors marked retryable).",
+)  # fmt: skip
 @click.option("--address", help="Ray cluster to join [a local one].")
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")

@@ -97,6 +97,8 @@ class LossConfig:
     gradient: float = 100.0  # L1 between Sobel-magnitude maps of the intensities
     intensity: float = 30.0  # L1 between intensities I = 0.299R + 0.587G + 0.114B
     ssim: float = 0.0  # 1 - SSIM of the intensities (not in the paper; InfraGAN uses one)
+    # The gradient loss compares Sobel magnitudes (the paper's GRA) or the derivatives.
+    gradient_of: Literal["magnitude", "derivatives"] = "magnitude"
     gan_mode: Literal["vanilla", "lsgan"] = "vanilla"  # vanilla: non-saturating BCE
 
     def __post_init__(self) -> None:
@@ -193,18 +195,19 @@ class GenerateConfig:
     precision: GeneratePrecision = "auto"  # auto: bf16 where the hardware has it, else fp32
     size: int | None = None  # model-side square; None: the checkpoint's data.image_size
     keep_rgb: bool = False  # also store the input RGB in each sample
-    min_structure: float = 0.0  # reject outputs whose structure score is below this
+    min_structure: float | None = None  # reject outputs scoring below this; None: no gate
     shard_size: int = 256  # samples per output shard
     max_pixels: int = 178_956_970  # decompression-bomb limit per input image
     overwrite: bool = False  # replace a different generation in `out`
+    retry_rejects: bool = False  # on resume, process the earlier rejects again
     address: str | None = None  # Ray cluster; None starts a local one
 
     def __post_init__(self) -> None:
         check_literals(self)
         if self.batch_size < 1 or self.shard_size < 1 or self.workers < 0:
             raise ValueError("batch_size and shard_size must be >= 1, workers >= 0")
-        if not 0 <= self.min_structure <= 1:
-            raise ValueError(f"min_structure must be in [0, 1], got {self.min_structure}")
+        if self.min_structure is not None and not -1 <= self.min_structure <= 1:
+            raise ValueError(f"min_structure must be in [-1, 1], got {self.min_structure}")
 
 
 @dataclass(frozen=True)

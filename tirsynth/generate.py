@@ -14,6 +14,7 @@ input's exact width and height.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shlex
@@ -41,6 +42,8 @@ SHARD_PREFIX = "tir"
 LOCK = ".generate.lock"
 REPORT = "report.json"
 REJECT_COLUMNS = ("key", "path", "reason")
+READ_ATTEMPTS = 3  # reads of an input before a transient error becomes a reject
+RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it again
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,23 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     corpus = discover_corpus(cfg.input, cfg.input_kind, cfg.split)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg, checkpoint, size)
+    options = output_options(cfg, checkpoint, size)
+    fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     started = time.time()
     with shards.exclusive_lock(out, LOCK, "generate"):
+        _refuse_changed_options(out, options, cfg.overwrite)
         extra = (REPORT, *(COCO_PREFIX + name for name in corpus.coco_files))
         index = shards.prepare_output(
             out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
         )
         previous_rejects = shards.read_rejects(out)
+        if cfg.retry_rejects:  # try the rejects again, read errors first among them
+            previous_rejects = []
         done = {r["key"] for r in index} | {r["key"] for r in previous_rejects}
         rejects = previous_rejects + [r for r in corpus.rejects if r["key"] not in done]
         pending = [image for image in corpus.images if image.key not in done]
         manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
+        manifest["output_options"] = options  # what a resume must agree on
         shards.write_json(out / shards.MANIFEST, manifest)
         writer = ShardWriter(out, index, rejects, cfg.shard_size)
         batches, pipeline_seconds = [], 0.0
@@ -139,6 +147,8 @@ def preprocess_batch(
                 pixels, (content_w, content_h) = inference.fit_to_square(image, size)
             except images.ImageRejected as err:
                 error = str(err)
+            except Exception as err:  # a codec bug must cost one image, not the run
+                error = failure_reason(err)
         row = (
             key,
             pixels,
@@ -163,7 +173,7 @@ def postprocess_batch(
     batch: dict[str, np.ndarray],
     intensity_hist: list[float],
     lbp_hist: list[float],
-    min_structure: float,
+    min_structure: float | None,
 ) -> dict[str, np.ndarray]:
     """Map each output back to its input's size, encode it as PNG and score it.
 
@@ -177,18 +187,10 @@ def postprocess_batch(
     for i, key in enumerate(batch["key"]):
         error, png, scores = str(batch["error"][i]), b"", {}
         if not error:
-            content = (int(batch["content_width"][i]), int(batch["content_height"][i]))
-            size = (int(batch["width"][i]), int(batch["height"][i]))
-            tir = inference.map_back(batch["tir"][i], content, size)
-            scores = score_output(
-                batch["pixels"][i], batch["tir"][i], tir, content, batch["real"][i], real_stats
-            )
-            if scores["structure"] < min_structure:
-                error = (
-                    f"structure below --min-structure {min_structure}: {scores['structure']:.4f}"
-                )
-            else:
-                png = inference.encode_png(tir)
+            try:
+                png, scores, error = _finish_output(batch, i, real_stats, min_structure)
+            except Exception as err:  # one image's failure becomes its reject row
+                png, scores, error = b"", {}, failure_reason(err)
         row = (
             key,
             png,
@@ -201,6 +203,27 @@ def postprocess_batch(
         for name, value in zip(columns, row, strict=True):
             columns[name].append(value)
     return {name: np.array(values, dtype=object) for name, values in columns.items()}
+
+
+def _finish_output(batch, i, real_stats, min_structure) -> tuple[bytes, dict, str]:
+    """(PNG, scores, error) of output i: mapped back to its input's size and scored."""
+    content = (int(batch["content_width"][i]), int(batch["content_height"][i]))
+    size = (int(batch["width"][i]), int(batch["height"][i]))
+    tir = inference.map_back(batch["tir"][i], content, size)
+    scores = score_output(
+        batch["pixels"][i], batch["tir"][i], tir, content, batch["real"][i], real_stats
+    )
+    if min_structure is not None and scores["structure"] < min_structure:
+        return (
+            b"",
+            scores,
+            f"structure below --min-structure {min_structure}: {scores['structure']:.4f}",
+        )
+    return inference.encode_png(tir), scores, ""
+
+
+def failure_reason(err: BaseException) -> str:
+    return f"failed: {type(err).__name__}: {err}"
 
 
 def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> dict[str, float]:
@@ -463,9 +486,10 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
             wanted_by_shard.setdefault(shard, set()).add(key)
             continue
         try:
-            sources[key] = (Path(path).read_bytes(), b"", "")
+            sources[key] = (read_with_retries(Path(path)), b"", "")
         except OSError as err:
-            sources[key] = (b"", b"", f"unreadable file: {err.strerror or err}")
+            retryable = RETRYABLE if _is_transient(err) else ""
+            sources[key] = (b"", b"", f"unreadable file{retryable}: {err.strerror or err}")
     for shard, wanted in wanted_by_shard.items():
         for sample in shards.read_shard(Path(root) / shard):
             if sample["__key__"] in wanted:
@@ -477,26 +501,56 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
     return sources
 
 
+def read_with_retries(path: Path, attempts: int = READ_ATTEMPTS) -> bytes:
+    """The file's bytes; errors that may pass (a flaky network filesystem, a timeout) are
+    retried with a short backoff, "not found" and "permission denied" are not."""
+    for attempt in range(attempts):
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            if not _is_transient(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _is_transient(err: OSError) -> bool:
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return not isinstance(err, permanent)
+
+
 def _image_extension(data: bytes) -> str:
     image_format = Image.open(io.BytesIO(data)).format
     return images.KEPT_FORMATS.get(image_format, (image_format or "bin").lower())
 
 
-def _fingerprint(cfg: GenerateConfig, checkpoint: Path, size: int) -> str:
-    import hashlib
-
-    stat = checkpoint.stat()
-    options = {
+def output_options(cfg: GenerateConfig, checkpoint: Path, size: int) -> dict[str, Any]:
+    """What decides the outputs: a resumed run must agree on all of it (the fingerprint)."""
+    return {
         "input": str(Path(cfg.input).resolve()),
         "checkpoint": str(checkpoint.resolve()),
-        "checkpoint_mtime": stat.st_mtime_ns,
+        "checkpoint_sha256": shards.file_sha256(checkpoint),
         "size": size,
         "kind": cfg.input_kind,
         "split": cfg.split,
         "min_structure": cfg.min_structure,
         "keep_rgb": cfg.keep_rgb,
+        # bf16 and fp32 outputs differ slightly: one run holds one precision.
+        "precision": cfg.precision,
     }
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def _refuse_changed_options(out: Path, options: dict[str, Any], overwrite: bool) -> None:
+    """A resume with options that change outputs stops, naming them, unless --overwrite."""
+    before = (shards.read_manifest(out) or {}).get("output_options")
+    if overwrite or not before or before == options:
+        return
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items() if before.get(k) != v]
+    raise FileExistsError(
+        f"{out} holds a generation made with other options ({'; '.join(changed)}); rerun "
+        "with the same options to resume it, pass --overwrite to replace it, or choose "
+        "another --out"
+    )
 
 
 def _manifest(cfg, checkpoint, size, fingerprint, corpus, status) -> dict[str, Any]:

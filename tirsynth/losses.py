@@ -29,13 +29,17 @@ def adversarial_loss(logits: torch.Tensor, real: bool, mode: GanMode = "vanilla"
     raise ValueError(f"gan mode {mode!r} is not vanilla or lsgan")
 
 
-def gradient_map(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRA: Sobel gradient magnitude of (B, 1, H, W) -> (B, 1, H, W), edges replicated."""
+def sobel(gray: torch.Tensor) -> torch.Tensor:
+    """Sobel derivatives of (B, 1, H, W) -> (B, 2, H, W) (x, y), edges replicated."""
     kernel_x = SOBEL_X.to(gray)
     kernels = torch.stack([kernel_x, kernel_x.T]).unsqueeze(1)  # (2, 1, 3, 3)
-    gradients = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    return F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+
+
+def gradient_map(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRA: Sobel gradient magnitude of (B, 1, H, W) -> (B, 1, H, W), edges replicated."""
     # eps keeps the square root differentiable where the image is flat.
-    return torch.sqrt((gradients**2).sum(dim=1, keepdim=True) + eps)
+    return torch.sqrt((sobel(gray) ** 2).sum(dim=1, keepdim=True) + eps)
 
 
 def generator_loss(
@@ -61,10 +65,14 @@ def generator_loss(
             terms["g_ssim"] = cfg.ssim * (1 - score.mean()).float()
         if cfg.intensity:
             terms["g_intensity"] = cfg.intensity * F.l1_loss(fake_i, real_i)
-        if cfg.gradient:
+        if cfg.gradient and cfg.gradient_of == "magnitude":
             terms["g_gradient"] = cfg.gradient * F.l1_loss(
                 gradient_map(fake_i), gradient_map(real_i)
             )
+        elif cfg.gradient:
+            # Derivatives, not magnitudes: texture where the real image has none, or an
+            # edge of the wrong polarity, costs instead of paying.
+            terms["g_gradient"] = cfg.gradient * F.l1_loss(sobel(fake_i), sobel(real_i))
     total = sum(terms.values(), fake.new_zeros(()))
     return total, {name: value.item() for name, value in terms.items()}
 

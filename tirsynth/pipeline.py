@@ -12,8 +12,10 @@
 
 A value naming an earlier stage stands for its output (a pair-shard folder, or a training
 run's best checkpoint). A stage is skipped when OUT/pipeline.json records it complete with
-the same fingerprint: its options, the files it reads and the fingerprints of the stages
-it depends on. A train stage that did not finish resumes from its latest checkpoint.
+the same fingerprint: its options, the content of the files it reads and the fingerprints
+of the stages it depends on. A train stage that did not finish resumes from its latest
+checkpoint. A pipeline never deletes a stage's output: when a stage's fingerprint changes,
+it runs into a new folder (`OUT/<name>-2`, ...) and says what changed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,18 +55,29 @@ def run(path: str | Path, variables: dict[str, Any] | None = None, progress: boo
     fingerprints: dict[str, str] = {}
     for kind, options in spec["stages"]:
         name = options.pop("name", kind)
-        fingerprint = _fingerprint(kind, options, fingerprints)
-        target = out / name
+        inputs = _input_signatures(options, fingerprints)
+        fingerprint = _digest([kind, options, inputs])
         record = state.get(name, {})
-        done = record.get("fingerprint") == fingerprint and record.get("status") == "complete"
-        if done and target.exists():
+        target = out / record.get("folder", name)
+        same = record.get("fingerprint") == fingerprint
+        if same and record.get("status") == "complete" and target.exists():
             print(f"[{name}] up to date, skipped ({target})")
         else:
-            resume = record.get("fingerprint") == fingerprint and kind == "train"
-            if not resume and target.exists() and kind != "ingest":
-                shutil.rmtree(target)  # a different run of this stage: start it again
+            if not same and target.exists() and any(target.iterdir()):
+                # Never delete work: a stage whose inputs changed runs into a new folder.
+                kept, target = target, _free_folder(out, name)
+                print(f"[{name}] {_what_changed(record, options, inputs)}: running into "
+                      f"{target}; {kept} is kept")  # fmt: skip
+            resume = same and kind == "train"
             print(f"[{name}] running {kind} -> {target}")
-            state[name] = {"kind": kind, "fingerprint": fingerprint, "status": "running"}
+            state[name] = {
+                "kind": kind,
+                "fingerprint": fingerprint,
+                "status": "running",
+                "folder": target.name,
+                "options": options,
+                "inputs": inputs,
+            }
             shards.write_json(out / STATE, state)
             started = time.time()
             STAGES[kind](options, target, outputs, spec, resume, progress)
@@ -178,24 +190,47 @@ def _no_more(options: dict, kind: str) -> None:
         raise ValueError(f"{kind} stage: unknown option {next(iter(options))!r}")
 
 
-def _fingerprint(kind: str, options: dict, fingerprints: dict[str, str]) -> str:
-    """Options + the content signature of files they name + upstream fingerprints."""
-    parts: list[Any] = [kind, options]
+def _input_signatures(options: dict, fingerprints: dict[str, str]) -> dict[str, str]:
+    """{value: signature} for each option value naming an earlier stage or an existing path."""
+    signatures = {}
     for value in _strings(options):
         if value in fingerprints:
-            parts.append(fingerprints[value])
+            signatures[value] = fingerprints[value]
         elif os.path.exists(value):
-            parts.append(_signature(Path(value)))
+            signatures[value] = _signature(Path(value))
+    return signatures
+
+
+def _signature(path: Path) -> str:
+    """What a stage reads, by content, never by modification time (a checkout, an editor or
+    a copy touches files without changing them). A file: its bytes. A folder that tirsynth
+    wrote: its index (one row per sample, with each image's sha256), not its shards. Any
+    other folder: names and sizes."""
+    if path.is_file():
+        return shards.file_sha256(path)
+    if (path / shards.INDEX).is_file():
+        return shards.file_sha256(path / shards.INDEX)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return _digest([(str(p.relative_to(path)), p.stat().st_size) for p in files])
+
+
+def _digest(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _signature(path: Path) -> list:
-    """(relative path, size, mtime) of every file under `path` (or of `path` itself)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [
-        (str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in files
-    ]
+def _what_changed(record: dict, options: dict, inputs: dict[str, str]) -> str:
+    old_inputs = record.get("inputs", {})
+    changed = [value for value, signature in inputs.items() if old_inputs.get(value) != signature]
+    if record.get("options") not in (None, options):
+        changed.insert(0, "its options")
+    return f"{' and '.join(changed) or 'its inputs'} changed since the last run"
+
+
+def _free_folder(out: Path, name: str) -> Path:
+    number = 2
+    while (out / f"{name}-{number}").exists():
+        number += 1
+    return out / f"{name}-{number}"
 
 
 def _strings(value: Any) -> list[str]:

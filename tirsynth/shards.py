@@ -10,6 +10,7 @@ memory. This is the only module that knows the tar layout.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -307,6 +308,15 @@ def prepare_output(
 def next_shard_number(out: Path, prefix: str) -> int:
     numbers = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"{prefix}-*.tar")]
     return max(numbers, default=-1) + 1
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def file_size(path: Path) -> int:
