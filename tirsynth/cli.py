@@ -440,15 +440,20 @@ def bench_ingest(sources, meta, repeat, workers, scratch) -> None:
         click.echo(line)
 
 
+def bench_config_options(command):
+    """--config (default the paper's) and repeatable --set, as the benchmarks take them."""
+    command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")(command)
+    return click.option(
+        "--config",
+        "config_path",
+        default="configs/sparse.yaml",
+        show_default=True,
+        type=click.Path(exists=True, dir_okay=False),
+    )(command)
+
+
 @bench.command("train")
-@click.option(
-    "--config",
-    "config_path",
-    default="configs/sparse.yaml",
-    show_default=True,
-    type=click.Path(exists=True, dir_okay=False),
-)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@bench_config_options
 @click.option(
     "--precision",
     "precisions",
@@ -468,14 +473,7 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
 
 
 @bench.command("quality")
-@click.option(
-    "--config",
-    "config_path",
-    default="configs/sparse.yaml",
-    show_default=True,
-    type=click.Path(exists=True, dir_okay=False),
-)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@bench_config_options
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--first-seed", default=0, show_default=True, type=click.IntRange(min=0),
