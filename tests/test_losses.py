@@ -51,3 +51,21 @@ def test_discriminator_loss_is_half_the_sum():
     d = losses.discriminator_loss(ones * 10, -ones * 10)
     assert d.item() < 1e-4
     assert losses.discriminator_loss(ones * 0, ones * 0).item() == pytest.approx(math.log(2))
+
+
+def test_gradient_loss_of_magnitudes_pays_for_misplaced_texture_derivatives_do_not():
+    """The paper's L1 between Sobel magnitudes is lowered by texture of the right strength
+    anywhere; L1 between the derivatives only by texture where the real image has it."""
+    real = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5
+    elsewhere = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1)) - 0.5
+    flat = torch.zeros(1, 1, 32, 32)
+    weights = {"gan": 0, "l1": 0, "intensity": 0}
+    magnitude = LossConfig(**weights, gradient_of="magnitude")
+    derivatives = LossConfig(**weights, gradient_of="derivatives")
+
+    def gradient_term(fake, cfg):
+        return losses.generator_loss(None, real, fake, cfg)[1]["g_gradient"]
+
+    assert gradient_term(elsewhere, magnitude) < 0.6 * gradient_term(flat, magnitude)
+    assert gradient_term(elsewhere, derivatives) > gradient_term(flat, derivatives)
+    assert gradient_term(real, derivatives) == pytest.approx(0, abs=1e-6)
