@@ -56,7 +56,7 @@ class IngestConfig:
 
 
 SkipSet = Literal["sparse", "dense", "low", "high"]
-NAMED_SKIPS = {"sparse": (1, 3, 5, 7), "low": (1, 3), "high": (5, 7)}
+NAMED_SKIPS = {"low": (1, 3), "high": (5, 7)}  # Table 2; sparse and dense follow the depth
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ModelConfig:
     disc_layers: int = 3  # 3: the 70x70 PatchGAN
 
     def __post_init__(self) -> None:
-        if isinstance(self.skips, str) and self.skips not in (*NAMED_SKIPS, "dense"):
+        if isinstance(self.skips, str) and self.skips not in (*NAMED_SKIPS, "sparse", "dense"):
             raise ValueError(f"skips={self.skips!r} is not sparse, dense, low, high or a list")
 
     def resolved_skips(self) -> tuple[int, ...]:

@@ -121,24 +121,6 @@ def histogram_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (p - q).abs().sum(dim=-1)
 
 
-def image_metrics(real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SSIM, PSNR and LBP mean of generated against real TIR, per image.
-
-    Args:
-        real, fake: (B, C, H, W) in [-1, 1].
-
-    Returns:
-        {"ssim", "psnr", "lbp_real", "lbp_fake"}: (B,) tensors.
-    """
-    gray_real, gray_fake = to_gray_uint8(real), to_gray_uint8(fake)
-    return {
-        "ssim": ssim(gray_real, gray_fake),
-        "psnr": psnr(gray_real, gray_fake),
-        "lbp_real": lbp(gray_real).double().mean(dim=(1, 2)),
-        "lbp_fake": lbp(gray_fake).double().mean(dim=(1, 2)),
-    }
-
-
 def _gaussian_kernels(device) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64, device=device)
     kernel = torch.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
