@@ -216,6 +216,24 @@ def test_resume_is_exact(learnable_shards, tmp_path, loader_workers):
     assert steps == list(range(1, 15))  # the log holds each step once
 
 
+def test_resume_with_other_steps_per_epoch_keeps_the_epoch(learnable_shards, tmp_path, capsys):
+    """Another --workers (or batch size) changes the steps in an epoch; a resume goes on at
+    the same point of the same epoch and trains the configured number of epochs."""
+    # 41 train samples: 10 steps of 4 per epoch; 20 steps of 2.
+    run = tmp_path / "run"
+    train.run(tiny_cfg("train.epochs=2", "train.max_steps=13"), learnable_shards, run,
+              progress=False)  # fmt: skip
+    resumed = train.run(
+        tiny_cfg("train.epochs=2", "train.batch_size=2"), learnable_shards, run, resume=True,
+        progress=False,
+    )  # fmt: skip
+    assert "step 13 continues as step 26" in capsys.readouterr().out
+    assert resumed.step == 40 and resumed.epoch == 2
+    assert train.resumed_step(13, 10, 20) == 26
+    assert train.resumed_step(26, 20, 10) == 13
+    assert train.resumed_step(7, 10, 10) == 7
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(learnable_shards, tmp_path):
     run = tmp_path / "run"
     train.run(tiny_cfg("train.max_steps=3"), learnable_shards, run, progress=False)

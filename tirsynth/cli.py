@@ -262,6 +262,9 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     help="On resume, process the earlier rejects again (e.g. read errors marked retryable).",
 )  # fmt: skip
 @click.option("--address", help="Ray cluster to join [a local one].")
+@click.option(
+    "--verbose", is_flag=True, default=None, help="Show Ray's own logs [they go to OUT/ray.log]."
+)
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def generate(input_, overrides, dry_run, **flags) -> None:

@@ -201,6 +201,7 @@ class GenerateConfig:
     overwrite: bool = False  # replace a different generation in `out`
     retry_rejects: bool = False  # on resume, process the earlier rejects again
     address: str | None = None  # Ray cluster; None starts a local one
+    verbose: bool = False  # Ray's own logs on stderr instead of OUT/ray.log
 
     def __post_init__(self) -> None:
         check_literals(self)

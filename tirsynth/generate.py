@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, images, inference, metrics, shards
+from tirsynth import __version__, cluster, images, inference, metrics, shards
 from tirsynth.checkpoint import (
     checkpoint_config,
     load_checkpoint,
@@ -80,7 +80,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     started = time.time()
     with shards.exclusive_lock(out, LOCK, "generate"):
         _refuse_changed_options(out, options, cfg.overwrite)
-        extra = (REPORT, *(COCO_PREFIX + name for name in corpus.coco_files))
+        extra = (REPORT, cluster.LOG_NAME, *(COCO_PREFIX + name for name in corpus.coco_files))
         index = shards.prepare_output(
             out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
         )
@@ -366,14 +366,7 @@ def _run_pipeline(
     import ray
     import ray.data
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=cfg.address,
-            include_dashboard=False,
-            object_store_memory=None if cfg.address else 1 << 30,
-        )
-    try:
+    with cluster.ray_session(cfg.address, writer.out / cluster.LOG_NAME, cfg.verbose) as console:
         started = time.perf_counter()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images, not blocks
@@ -420,16 +413,15 @@ def _run_pipeline(
         )
         by_key = {image.key: image for image in pending}
         batches = []
-        bar = tqdm(total=len(pending), disable=not progress, unit="img", desc="generate")
+        bar = tqdm(
+            total=len(pending), disable=not progress, unit="img", desc="generate", file=console
+        )
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             batches.append(_write_batch(batch, by_key, corpus, writer, len(batches)))
             batches[-1]["seconds"] = time.perf_counter() - started  # when it was written
             bar.update(len(batch["key"]))
         bar.close()
         return batches, time.perf_counter() - started
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _write_batch(batch, by_key, corpus, writer, number) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tirsynth import __version__, shards
+from tirsynth import __version__, cluster, shards
 from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from tirsynth.config import LoopConfig, LossConfig, TrainConfig, config_yaml, from_dict, to_dict
 from tirsynth.data import PairDataset, carve_val_keys
@@ -211,8 +211,14 @@ def train_worker(
     if resume:
         saved = load_checkpoint(out / CHECKPOINTS / LATEST)
         trainees.load_state_dict(saved)
-        step, best_ssim, last_val = saved["step"], saved["best_ssim"], saved["val"]
-        tir_stats = saved["tir_stats"]
+        best_ssim, last_val, tir_stats = saved["best_ssim"], saved["val"], saved["tir_stats"]
+        step = resumed_step(saved["step"], saved["steps_per_epoch"], steps_per_epoch)
+        if step != saved["step"] and rank == 0:
+            print(
+                f"resuming with {steps_per_epoch} steps per epoch where the run had "
+                f"{saved['steps_per_epoch']} (another --workers or batch size): step "
+                f"{saved['step']} continues as step {step}, at the same point of the same epoch"
+            )
     elif rank == 0:
         tir_stats = real_tir_statistics(data, cfg.data.image_size)
     if world > 1:
@@ -303,6 +309,17 @@ def train_worker(
     bar.close()
     if stats_log is not None:
         stats_log.close()
+
+
+def resumed_step(saved_step: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
+    """The step to resume at, keeping the epoch and the fraction of it already trained.
+
+    Each rank reads 1/world of the train split, so another worker count (or batch size)
+    changes the steps in an epoch; counting on in the old steps would end the run after
+    another number of epochs and skip or repeat part of the one in progress.
+    """
+    epoch, done_in_epoch = divmod(saved_step, saved_steps_per_epoch)
+    return epoch * steps_per_epoch + done_in_epoch * steps_per_epoch // saved_steps_per_epoch
 
 
 def split_for_validation(
@@ -510,16 +527,13 @@ class StatsLog:
 
 
 def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Starting workers that import torch can take over Ray's 60 s default on a loaded machine.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    try:
+    # Verbose: rank 0's progress bar reaches the terminal through Ray's log forwarding.
+    with cluster.ray_session(address, out / cluster.LOG_NAME, verbose=True):
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={
@@ -542,9 +556,6 @@ def _run_ray_train(cfg, data, out, resume, workers, address, progress) -> None:
             message = diverged.read_text()
             diverged.unlink()
             raise TrainingDiverged(message)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
