@@ -255,6 +255,7 @@ def test_list_input_and_bf16_agreement(tmp_path, tiny_checkpoint, ray_session):
 
 def test_checkpoint_discovery(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inference, "BUILTIN", tmp_path / "not-installed.safetensors")
     with pytest.raises(FileNotFoundError, match="tirsynth train"):
         inference.resolve_checkpoint(None)
     target = tmp_path / "runs" / "a" / "checkpoints" / "best.pt"
@@ -387,3 +388,23 @@ def test_retry_rejects_reprocesses_earlier_rejects(tmp_path, tiny_checkpoint, ra
     retried = generate.run(GenerateConfig(**{**cfg.__dict__, "retry_rejects": True}),
                            progress=False)  # fmt: skip
     assert retried.total == 2 and retried.rejects == [] and retried.generated == 1
+
+
+def test_model_threads_come_from_each_node_not_the_whole_cluster():
+    def node(cpus, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpus}}
+
+    assert generate._threads_per_replica([node(2)], 1) == 2
+    # Two 16-CPU nodes, two replicas: one per node, 16 threads each (not 32 // 2 on one).
+    assert generate._threads_per_replica([node(16), node(16)], 2) == 16
+    assert generate._threads_per_replica([node(16), node(16)], 4) == 8
+    assert generate._threads_per_replica([node(8), node(16), node(4, alive=False)], 2) == 8
+
+
+def test_translator_loads_a_checkpoint_shipped_as_bytes(tiny_checkpoint):
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    by_path = inference.Translator(str(tiny_checkpoint), "fp32")({"pixels": pixels})["tir"]
+    shipped = inference.Translator("moved.pt", "fp32", shipped=tiny_checkpoint.read_bytes())(
+        {"pixels": pixels}
+    )["tir"]
+    assert np.array_equal(by_path, shipped)

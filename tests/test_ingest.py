@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import pair_images, write_csv, write_pair
 from PIL import Image
@@ -230,8 +233,6 @@ def test_killed_ingest_resumes_without_duplicates_or_gaps(tmp_path):
         "full",
         "--workers",
         "2",
-        "--set",
-        "commit_seconds=0",  # commit every shard, so the kill finds a partial index
     ]
     process = subprocess.Popen(
         command, start_new_session=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
@@ -258,40 +259,44 @@ def test_killed_ingest_resumes_without_duplicates_or_gaps(tmp_path):
     assert shards.read_manifest(out)["status"] == "complete"
 
 
-def test_commits_are_spaced_by_what_they_cost(tmp_path, monkeypatch):
-    # Every commit rewrites the whole index; at a fixed interval a large ingest would spend
-    # most of its time committing. A commit that takes 40 ms waits 10 times that.
+def test_each_shard_commits_its_own_index_fragment(tmp_path):
+    """Committing a shard writes that shard's rows only (the cost stays flat as the index
+    grows), and the folder of fragments reads as one table with one schema."""
     rgb_dir, tir_dir = tmp_path / "rgb", tmp_path / "tir"
-    for i in range(40):
+    for i in range(12):
         write_pair(rgb_dir / f"{i:03d}.png", tir_dir / f"{i:03d}.png", i)
-    commits, commit, write_task = [], ingest.commit, ingest.write_task
-
-    def slow_commit(*args):
-        time.sleep(0.04)
-        commits.append(time.monotonic())
-        commit(*args)
-
-    def slow_task(args):
-        time.sleep(0.01)
-        return write_task(args)
-
-    monkeypatch.setattr(ingest, "commit", slow_commit)
-    monkeypatch.setattr(ingest, "write_task", slow_task)
-    cfg = IngestConfig(
-        rgb_dir=str(rgb_dir),
-        tir_dir=str(tir_dir),
-        out=str(tmp_path / "out"),
-        shard_size=1,
-        workers=1,
-        commit_seconds=0,
-    )
+    meta = tmp_path / "meta.csv"
+    meta.write_text("stem,site\n000,north\n")  # one pair only has the metadata column
+    out = tmp_path / "out"
+    cfg = IngestConfig(rgb_dir=str(rgb_dir), tir_dir=str(tir_dir), meta=str(meta), out=str(out),
+                       shard_size=1, workers=1)  # fmt: skip
     ingest.run(cfg)
-    assert len(shards.read_index(tmp_path / "out")) == 40
-    # 40 tasks of 10 ms: a commit after each of them without the spacing. Usually 3 here;
-    # the bound leaves room for a loaded machine, whose slower tasks allow more commits.
-    assert 2 <= len(commits) <= 8
-    gaps = [b - a for a, b in zip(commits, commits[1:], strict=False)]
-    assert all(gap >= 0.4 for gap in gaps[:-1])  # the last one ends the run
+    parts = shards.fragments(out / shards.INDEX)
+    assert len(parts) == 12 == len(list(out.glob("*.tar")))
+    assert {p.stem + ".tar" for p in parts} == {p.name for p in out.glob("*.tar")}
+    assert all(pq.read_metadata(p).num_rows == 1 for p in parts)
+    schemas = {pq.read_schema(p) for p in parts}
+    assert len(schemas) == 1 and schemas.pop().field("site").type == pa.string()
+    table = pq.read_table(out / shards.INDEX)  # pyarrow.dataset under the hood
+    assert table.num_rows == 12 and table.column("site").null_count == 11
+    keys = sorted(r["key"] for r in shards.read_index(out))
+    assert sorted(table.column("key").to_pylist()) == keys
+
+
+def test_an_index_file_of_an_older_run_becomes_fragments_on_resume(tmp_path):
+    rgb_dir, tir_dir = tmp_path / "rgb", tmp_path / "tir"
+    for i in range(6):
+        write_pair(rgb_dir / f"{i:03d}.png", tir_dir / f"{i:03d}.png", i)
+    out = tmp_path / "out"
+    cfg = IngestConfig(rgb_dir=str(rgb_dir), tir_dir=str(tir_dir), out=str(out), shard_size=2,
+                       workers=1)  # fmt: skip
+    ingest.run(cfg)
+    rows = shards.read_index(out)
+    shutil.rmtree(out / shards.INDEX)
+    shards.write_table(out / shards.INDEX, rows)  # the single-file layout of older runs
+    assert ingest.run(cfg).added == 0
+    assert (out / shards.INDEX).is_dir()
+    assert sorted(map(str, shards.read_index(out))) == sorted(map(str, rows))
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -260,6 +261,67 @@ def bench_generate(
             )
 
 
+def bench_generate_scale(
+    images: int = 2000, factor: int = 10, shard_size: int = 2, batch_size: int = 8
+) -> Iterator[str]:
+    """Generate over the same kind of corpus at 1x and `factor`x: per-image time and the
+    driver's peak RSS of each, and their ratios (flat is the aim: cost linear in the
+    corpus, driver memory bounded). A tiny random model and 32x24 images, so that the
+    pipeline, not the model, is measured; small shards, so that per-shard costs show.
+    Each size runs in its own process (the driver's peak RSS is its own).
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="tirsynth-bench-scale-") as scratch:
+        scratch = Path(scratch)
+        checkpoint = _random_checkpoint(scratch, "tiny.yaml")
+        results = {}
+        for count in (images, images * factor):
+            source = _small_image_corpus(scratch / f"in-{count}", count)
+            out = scratch / f"out-{count}"
+            command = [
+                sys.executable, "-m", "tirsynth.cli", "generate", "--input", str(source),
+                "--out", str(out), "--checkpoint", str(checkpoint), "--batch-size",
+                str(batch_size), "--shard-size", str(shard_size), "--precision", "fp32",
+            ]  # fmt: skip
+            subprocess.run(command, check=True, capture_output=True)
+            report = json.loads((out / "report.json").read_text())
+            seconds, rss = report["pipeline_seconds"], report["driver_peak_rss_bytes"]
+            results[count] = (seconds / report["generated_this_run"], rss)
+            outputs = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            yield (
+                f"{count} images: {report['generated_this_run'] / seconds:.0f} images/s "
+                f"({1000 * seconds / count:.2f} ms per image, {seconds:.1f} s after Ray "
+                f"started), driver peak RSS {rss / 2**20:.0f} MiB, output {outputs / 2**20:.1f} "
+                "MiB"
+            )
+            shutil.rmtree(out)
+            shutil.rmtree(source)
+        (small_time, small_rss), (large_time, large_rss) = results.values()
+        yield (
+            f"{factor}x corpus: per-image time ratio {large_time / small_time:.2f} (limit 1.15), "
+            f"driver peak RSS ratio {large_rss / small_rss:.2f} (limit 1.25)"
+        )
+
+
+def _small_image_corpus(folder: Path, count: int, distinct: int = 64) -> Path:
+    """`count` 32x24 PNGs of noise: `distinct` files, the rest hard links to them."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    originals = []
+    for i in range(min(distinct, count)):
+        path = folder / f"img{i:07d}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), np.uint8)).save(path)
+        originals.append(path)
+    for i in range(len(originals), count):
+        os.link(originals[i % len(originals)], folder / f"img{i:07d}.png")
+    return folder
+
+
 def precision_agreement(
     checkpoint: Path, source: Path, precision: str, size: int, limit: int = 32
 ) -> tuple[float, float]:
@@ -303,21 +365,21 @@ def _bare_images_per_s(translator, batch_size: int, size: int, seconds: float = 
     return done / (time.perf_counter() - start)
 
 
-def _random_checkpoint(folder: Path) -> Path:
+def _random_checkpoint(folder: Path, config: str = "sparse.yaml") -> Path:
     import torch
 
     from tirsynth.checkpoint import save_checkpoint
     from tirsynth.config import TrainConfig, load_config, to_dict
     from tirsynth.models import build_generator
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sparse.yaml", TrainConfig)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / config, TrainConfig)
     flat = torch.full((256,), 1 / 256, dtype=torch.float64)
     state = {
         "config": to_dict(cfg),
         "generator": build_generator(cfg.model).state_dict(),
         "tir_stats": {"intensity_hist": flat, "lbp_hist": flat, "images": 0},
     }
-    return save_checkpoint(folder / "random-sparse.pt", state)
+    return save_checkpoint(folder / f"random-{Path(config).stem}.pt", state)
 
 
 def _image_subset(source: Path, limit: int, folder: Path) -> Path:

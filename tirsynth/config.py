@@ -41,7 +41,6 @@ class IngestConfig:
     verify: VerifyMode = "fast"  # fast: header + end marker; full: decode every pixel
     max_pixels: int = 178_956_970  # decompression-bomb limit per image (Pillow's default x2)
     workers: int = 0  # processes; 0 = all cores (fewer for small jobs)
-    commit_seconds: float = 1.0  # least time between index commits (more for large indexes)
     overwrite: bool = False
     strict: bool = False
 

@@ -2,9 +2,10 @@
 
 A Ray Data pipeline, streaming so memory stays bounded: decode and fit each image to the
 model's square as CPU tasks, translate in an actor pool (one replica per GPU when there
-are GPUs), then map back to the input's size, encode and score as CPU tasks. The driver
-writes finished samples to shards, committing each shard and its index rows atomically,
-so a killed run resumes by skipping the keys already in the index.
+are GPUs), then map back to the input's size, encode and score as CPU tasks. The workers
+write finished samples to shards themselves, each shard committed by its own fragment of
+index.parquet (a folder of fragments, so a commit costs the same at any corpus size); the
+driver only counts. A killed run resumes by skipping the keys already in the index.
 
 Size handling: an image is scaled to fit the model's S x S square (S: the checkpoint's
 training crop, 256 for the paper) keeping its aspect ratio, padded by reflection to the
@@ -17,14 +18,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import resource
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -35,7 +40,7 @@ from tirsynth.checkpoint import (
     load_checkpoint,
 )
 from tirsynth.config import GenerateConfig, to_dict
-from tirsynth.corpus import COCO_PREFIX, Corpus, InputImage, discover_corpus, output_relpath
+from tirsynth.corpus import COCO_PREFIX, Corpus, discover_corpus, output_relpath
 from tirsynth.report import write_report
 
 SHARD_PREFIX = "tir"
@@ -44,6 +49,8 @@ REPORT = "report.json"
 REJECT_COLUMNS = ("key", "path", "reason")
 READ_ATTEMPTS = 3  # reads of an input before a transient error becomes a reject
 RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it again
+# Input columns each stage hands on untouched, for the worker that writes the shard.
+PASSED_THROUGH = ("relpath", "labels", "source", "input_path")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     size = cfg.size or train_cfg.data.image_size
     if size % 2**train_cfg.model.depth:
         raise ValueError(f"size {size} must be a multiple of 2**depth = {2**train_cfg.model.depth}")
-    corpus = discover_corpus(cfg.input, cfg.input_kind, cfg.split)
+    # Absolute: Ray workers do not share this process's working directory.
+    corpus = discover_corpus(str(Path(cfg.input).resolve()), cfg.input_kind, cfg.split)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     options = output_options(cfg, checkpoint, size)
@@ -84,31 +92,36 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         index = shards.prepare_output(
             out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
         )
-        previous_rejects = shards.read_rejects(out)
-        if cfg.retry_rejects:  # try the rejects again, read errors first among them
-            previous_rejects = []
-        done = {r["key"] for r in index} | {r["key"] for r in previous_rejects}
-        rejects = previous_rejects + [r for r in corpus.rejects if r["key"] not in done]
+        if cfg.retry_rejects:  # their inputs are pending again; a kill leaves them pending
+            for fragment in shards.fragments(out / shards.REJECTS):
+                fragment.unlink()
+        totals = RunTotals()
+        totals.add_rows(index)
+        generated = {r["key"] for r in index}
+        del index  # the totals are all this run needs of it
+        # What the listing rejects (not an image, a missing file) is found again each run.
+        listing = [r for r in corpus.rejects if r["key"] not in generated]
+        shards.write_rejects(out, listing, REJECT_COLUMNS)
+        done = generated | {r["key"] for r in shards.read_rejects(out)}
         pending = [image for image in corpus.images if image.key not in done]
         manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
         manifest["output_options"] = options  # what a resume must agree on
         shards.write_json(out / shards.MANIFEST, manifest)
-        writer = ShardWriter(out, index, rejects, cfg.shard_size)
-        batches, pipeline_seconds = [], 0.0
+        pipeline_seconds = 0.0
         if pending:
-            batches, pipeline_seconds = _run_pipeline(
-                cfg, corpus, pending, checkpoint, size, state, writer, progress
+            pipeline_seconds = _run_pipeline(
+                cfg, corpus, pending, checkpoint, size, state, totals, progress
             )
-        writer.close()
         if corpus.coco_files:
-            write_coco(out, corpus, writer.index)
+            write_coco(out, corpus, shards.read_index(out, ["key", "relpath", "shard"]))
+        rejects = shards.read_rejects(out)
         report = build_report(
-            cfg, checkpoint, corpus, writer, batches, time.time() - started, pipeline_seconds
+            cfg, checkpoint, corpus, totals, rejects, time.time() - started, pipeline_seconds
         )
         shards.write_json(out / REPORT, report)
         write_report(out)
         shards.write_json(out / shards.MANIFEST, {**manifest, "status": "complete"})
-    return GenerateResult(out, checkpoint, writer.added, len(writer.index), writer.rejects, report)
+    return GenerateResult(out, checkpoint, totals.added, totals.outputs, rejects, report)
 
 
 def preprocess_batch(
@@ -163,6 +176,7 @@ def preprocess_batch(
         for name, value in zip(columns, row, strict=True):
             columns[name].append(value)
     out = {name: np.array(values, dtype=object) for name, values in columns.items()}
+    out.update({name: batch[name] for name in PASSED_THROUGH if name in batch})
     out["pixels"] = np.stack(columns["pixels"])
     for name in ("width", "height", "content_width", "content_height"):
         out[name] = np.array(columns[name], dtype=np.int64)
@@ -202,7 +216,8 @@ def postprocess_batch(
         )
         for name, value in zip(columns, row, strict=True):
             columns[name].append(value)
-    return {name: np.array(values, dtype=object) for name, values in columns.items()}
+    finished = {name: np.array(values, dtype=object) for name, values in columns.items()}
+    return {**finished, **{name: batch[name] for name in PASSED_THROUGH if name in batch}}
 
 
 def _finish_output(batch, i, real_stats, min_structure) -> tuple[bytes, dict, str]:
@@ -258,49 +273,144 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
     return scores
 
 
-class ShardWriter:
-    """Writes generated samples to `tir-NNNNNN.tar` shards on the driver.
+INDEX_SCHEMA = pa.schema(
+    [("key", pa.string()), ("relpath", pa.string()), ("source", pa.string()),
+     ("width", pa.int64()), ("height", pa.int64()), ("input_kind", pa.string()),
+     ("shard", pa.string()), ("shard_bytes", pa.int64())]
+    + [(name, pa.float64()) for name in metrics.QUALITY_FIELDS]
+)  # fmt: skip
 
-    A shard is renamed into place when full, then its rows are committed to index.parquet
-    and the rejects to rejects.parquet, each atomically: a kill loses at most the samples
-    of the open shard, which the next run regenerates.
+
+def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -> dict:
+    """A Ray task's last step: one shard of finished outputs, written by the worker.
+
+    The tar is renamed into place first, then its index fragment (the commit), then the
+    fragment of its rejects: a kill leaves either a committed shard or inputs that the next
+    run does again (a tar without its fragment is removed then). The shard is named after
+    its keys, so a retried task writes the same file again rather than a second copy.
+
+    Returns:
+        One summary row for the driver: shard, images, rejected, the sum and count of each
+        quality metric, and the rejects by reason.
     """
+    folder = Path(out)
+    keys = [str(k) for k in batch["key"]]
+    name = f"{SHARD_PREFIX}-{hashlib.sha1(chr(10).join(sorted(keys)).encode()).hexdigest()[:16]}"
+    samples, rows, rejects = [], [], []
+    for i, key in enumerate(keys):
+        if batch["error"][i]:
+            rejects.append({"key": key, "path": str(batch["input_path"][i]),
+                            "reason": str(batch["error"][i])})  # fmt: skip
+            continue
+        sample, row = _output_sample(batch, i, input_kind)
+        samples.append(sample)
+        rows.append(row)
+    if samples:
+        shard = folder / f"{name}.tar"
+        shards.write_shard(shard, samples)
+        shard_bytes = shards.file_size(shard)
+        rows = [{**row, "shard": shard.name, "shard_bytes": shard_bytes} for row in rows]
+        shards.write_fragment(folder, shards.INDEX, name, rows, INDEX_SCHEMA)
+    if rejects:
+        shards.write_rejects(folder, rejects, REJECT_COLUMNS, fragment=name)
+    summary = {"shard": name, "images": len(rows), "rejected": len(rejects)}
+    for field in metrics.QUALITY_FIELDS:
+        values = [row[field] for row in rows if row.get(field) is not None]
+        summary[f"{field}_sum"], summary[f"{field}_count"] = float(sum(values)), len(values)
+    summary["reasons"] = json.dumps(dict(shards.rejects_by_reason(rejects)))
+    return {k: np.array([v]) for k, v in summary.items()}
 
-    def __init__(self, out: Path, index: list[dict], rejects: list[dict], shard_size: int):
-        self.out, self.index, self.rejects = out, list(index), list(rejects)
-        self.shard_size = shard_size
-        self.buffer: list[tuple[dict, dict]] = []  # (sample, index row)
-        self.number = shards.next_shard_number(out, SHARD_PREFIX)
-        self.added = 0
-        self._commit()  # persists rejects found before generation
 
-    def add(self, sample: dict[str, bytes], row: dict[str, Any]) -> None:
-        self.buffer.append((sample, row))
-        if len(self.buffer) >= self.shard_size:
-            self.flush()
+def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tar sample, index row) of output i of a finished batch."""
+    key = str(batch["key"][i])
+    scores = json.loads(batch["metrics"][i])
+    width, height = int(batch["width"][i]), int(batch["height"][i])
+    record = {
+        "key": key,
+        "source": str(batch["source"][i]),
+        "relpath": str(batch["relpath"][i]),
+        "width": width,
+        "height": height,
+        "labels": json.loads(batch["labels"][i]),
+        "metrics": scores,
+    }
+    sample = {"__key__": key, "tir.png": batch["tir_png"][i], "json": json.dumps(record).encode()}
+    if batch["rgb"][i]:
+        sample[f"rgb.{_image_extension(batch['rgb'][i])}"] = batch["rgb"][i]
+    row = {
+        "key": key,
+        "relpath": record["relpath"],
+        "source": record["source"],
+        "width": width,
+        "height": height,
+        "input_kind": input_kind,
+        **scores,
+    }
+    return sample, row
 
-    def reject(self, row: dict[str, Any]) -> None:
-        self.rejects.append(row)
 
-    def flush(self) -> None:
-        if self.buffer:
-            name = f"{SHARD_PREFIX}-{self.number:06d}.tar"
-            shards.write_shard(self.out / name, (sample for sample, _ in self.buffer))
-            size = shards.file_size(self.out / name)
-            self.index += [{**row, "shard": name, "shard_bytes": size} for _, row in self.buffer]
-            self.added += len(self.buffer)
-            self.number += 1
-            self.buffer = []
-        self._commit()
+class RunTotals:
+    """What the driver keeps of a run: counts, running sums of each quality metric, and a
+    series of per-shard means for the report's plot that never grows past MAX_POINTS
+    (neighbouring points merge when it would), so memory is flat in the corpus."""
 
-    def close(self) -> None:
-        self.flush()
+    MAX_POINTS = 512
 
-    def _commit(self) -> None:
-        if self.index:
-            shards.write_table(self.out / shards.INDEX, self.index)
-        if self.rejects:
-            shards.write_rejects(self.out, self.rejects, REJECT_COLUMNS)
+    def __init__(self) -> None:
+        self.outputs = self.added = self.rejected = 0
+        self.sums: dict[str, float] = dict.fromkeys(metrics.QUALITY_FIELDS, 0.0)
+        self.counts: dict[str, int] = dict.fromkeys(metrics.QUALITY_FIELDS, 0)
+        self.reasons: Counter = Counter()
+        self.points: list[dict[str, Any]] = []  # images, rejected, seconds, sums, counts
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Index rows written by an earlier run into this folder."""
+        self.outputs += len(rows)
+        for field in metrics.QUALITY_FIELDS:
+            values = [row[field] for row in rows if row.get(field) is not None]
+            self.sums[field] += sum(values)
+            self.counts[field] += len(values)
+
+    def add_shard(self, summary: dict[str, Any], seconds: float) -> None:
+        """A shard a worker wrote in this run (`write_shard_batch`'s summary row)."""
+        images, rejected = int(summary["images"]), int(summary["rejected"])
+        self.outputs += images
+        self.added += images
+        self.rejected += rejected
+        self.reasons.update(json.loads(summary["reasons"]))
+        point = {"images": images, "rejected": rejected, "seconds": seconds}
+        for field in metrics.QUALITY_FIELDS:
+            total, count = float(summary[f"{field}_sum"]), int(summary[f"{field}_count"])
+            self.sums[field] += total
+            self.counts[field] += count
+            point[f"{field}_sum"], point[f"{field}_count"] = total, count
+        self.points.append(point)
+        if len(self.points) > self.MAX_POINTS:
+            self.points = [_merge(*self.points[i : i + 2]) for i in range(0, len(self.points), 2)]
+
+    def means(self) -> dict[str, float]:
+        return {f: self.sums[f] / self.counts[f] for f in self.sums if self.counts[f]}
+
+    def series(self) -> list[dict[str, Any]]:
+        """The report's per-batch records: the images in each point and their mean metrics."""
+        records = []
+        for number, point in enumerate(self.points):
+            record = {k: point[k] for k in ("images", "rejected", "seconds")}
+            record["batch"] = number
+            for field in metrics.QUALITY_FIELDS:
+                if point[f"{field}_count"]:
+                    record[field] = point[f"{field}_sum"] / point[f"{field}_count"]
+            records.append(record)
+        return records
+
+
+def _merge(first: dict[str, Any], second: dict[str, Any] | None = None) -> dict[str, Any]:
+    if second is None:
+        return first
+    merged = {k: first[k] + second[k] for k in first if k != "seconds"}
+    merged["seconds"] = second["seconds"]  # when the later one was written
+    return merged
 
 
 def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
@@ -335,10 +445,9 @@ def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
 
 
 def build_report(
-    cfg, checkpoint, corpus, writer, batches, seconds, pipeline_seconds
+    cfg, checkpoint, corpus, totals: RunTotals, rejects, seconds, pipeline_seconds
 ) -> dict[str, Any]:
-    names = [n for n in metrics.QUALITY_FIELDS if any(n in row for row in writer.index)]
-    overall = {n: _mean([row[n] for row in writer.index if row.get(n) is not None]) for n in names}
+    batches = totals.series()
     return {
         "stage": "generate",
         "command": shlex.join(sys.argv),
@@ -347,26 +456,28 @@ def build_report(
         "input": str(cfg.input),
         "input_kind": corpus.kind,
         "options": to_dict(cfg),
-        "outputs": len(writer.index),
-        "generated_this_run": writer.added,
+        "outputs": totals.outputs,
+        "generated_this_run": totals.added,
         "seconds": seconds,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray and listing the input
-        "images_per_s": writer.added / pipeline_seconds if pipeline_seconds else 0.0,
+        "images_per_s": totals.added / pipeline_seconds if pipeline_seconds else 0.0,
         "steady_images_per_s": _steady_rate(batches),
-        "overall": overall,
-        "batches": batches,
-        "rejects": len(writer.rejects),
-        "rejects_by_reason": dict(shards.rejects_by_reason(writer.rejects)),
+        "overall": totals.means(),
+        "batches": batches,  # per shard, merged in pairs past RunTotals.MAX_POINTS
+        "rejects": len(rejects),
+        "rejects_by_reason": dict(shards.rejects_by_reason(rejects)),
+        # This process only (Ray's workers are not its children): what must stay flat.
+        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
-def _run_pipeline(
-    cfg, corpus, pending, checkpoint, size, state, writer, progress
-) -> tuple[list[dict], float]:
+def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progress) -> float:
+    """Run the Ray Data pipeline over `pending`; returns its seconds."""
     import ray
     import ray.data
 
-    with cluster.ray_session(cfg.address, writer.out / cluster.LOG_NAME, cfg.verbose) as console:
+    out = Path(cfg.out)
+    with cluster.ray_session(cfg.address, out / cluster.LOG_NAME, cfg.verbose) as console:
         started = time.perf_counter()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images, not blocks
@@ -374,9 +485,23 @@ def _run_pipeline(
         replicas = cfg.workers or max(gpus, 1)
         # Ray gives each actor one thread per CPU it reserves. On the CPU the model is the
         # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU
-        # (leaving the rest to decoding and scoring) but runs on its share of all of them.
-        threads = 0 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
-        rows = [{"key": i.key, "path": i.path, "shard": i.shard} for i in pending]
+        # (leaving the rest to decoding and scoring) but runs on its share of its node's.
+        threads = 0 if gpus else _threads_per_replica(ray.nodes(), replicas)
+        # The checkpoint travels to the actors through the object store: on a cluster the
+        # path exists only on this machine.
+        shipped = ray.put(checkpoint.read_bytes())
+        rows = [
+            {
+                "key": i.key,
+                "path": i.path,
+                "shard": i.shard,
+                "relpath": i.relpath,
+                "labels": i.labels,
+                "source": i.path or f"{i.shard}:{i.key}",
+                "input_path": i.path or i.shard,
+            }
+            for i in pending
+        ]
         stats = state["tir_stats"]
         dataset = (
             ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // cfg.batch_size))
@@ -394,9 +519,10 @@ def _run_pipeline(
                 inference.Translator,
                 batch_size=cfg.batch_size,
                 fn_constructor_kwargs={
-                    "checkpoint": str(checkpoint.resolve()),
+                    "checkpoint": checkpoint.name,
                     "precision": cfg.precision,
                     "threads": threads,
+                    "shipped": shipped,
                 },
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 num_gpus=1 if gpus else 0,  # Ray Data restarts a crashed actor, retries its task
@@ -410,63 +536,30 @@ def _run_pipeline(
                     "min_structure": cfg.min_structure,
                 },
             )
+            .map_batches(
+                write_shard_batch,
+                batch_size=cfg.shard_size,
+                fn_kwargs={"out": str(out.resolve()), "input_kind": corpus.kind},
+            )
         )
-        by_key = {image.key: image for image in pending}
-        batches = []
         bar = tqdm(
             total=len(pending), disable=not progress, unit="img", desc="generate", file=console
         )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            batches.append(_write_batch(batch, by_key, corpus, writer, len(batches)))
-            batches[-1]["seconds"] = time.perf_counter() - started  # when it was written
-            bar.update(len(batch["key"]))
+        for summary in dataset.iter_rows():
+            totals.add_shard(summary, time.perf_counter() - started)
+            bar.update(int(summary["images"]) + int(summary["rejected"]))
         bar.close()
-        return batches, time.perf_counter() - started
+        return time.perf_counter() - started
 
 
-def _write_batch(batch, by_key, corpus, writer, number) -> dict[str, Any]:
-    scored = []
-    for i, key in enumerate(batch["key"]):
-        image: InputImage = by_key[key]
-        if batch["error"][i]:
-            writer.reject(
-                {"key": key, "path": image.path or image.shard, "reason": str(batch["error"][i])}
-            )
-            continue
-        scores = json.loads(batch["metrics"][i])
-        labels = json.loads(image.labels)
-        tir_png = batch["tir_png"][i]
-        width, height = int(batch["width"][i]), int(batch["height"][i])
-        record = {
-            "key": key,
-            "source": image.path or f"{image.shard}:{key}",
-            "relpath": image.relpath,
-            "width": width,
-            "height": height,
-            "labels": labels,
-            "metrics": scores,
-        }
-        sample = {"__key__": key, "tir.png": tir_png, "json": json.dumps(record).encode()}
-        if batch["rgb"][i]:
-            sample[f"rgb.{_image_extension(batch['rgb'][i])}"] = batch["rgb"][i]
-        row = {
-            "key": key,
-            "relpath": image.relpath,
-            "source": record["source"],
-            "width": width,
-            "height": height,
-            "input_kind": corpus.kind,
-            **scores,
-        }
-        writer.add(sample, row)
-        scored.append(scores)
-    names = sorted({n for s in scored for n in s})
-    return {
-        "batch": number,
-        "images": len(scored),
-        "rejected": len(batch["key"]) - len(scored),
-        **{n: _mean([s[n] for s in scored if n in s]) for n in names},
-    }
+def _threads_per_replica(nodes: list[dict], replicas: int) -> int:
+    """CPU threads for each model replica: its share of the smallest node's CPUs, with the
+    replicas spread evenly over the nodes (not the cluster's CPUs over the replicas, which
+    would oversubscribe every node of a multi-node cluster)."""
+    alive = [node for node in nodes if node.get("Alive")]
+    cpus = min((int(node["Resources"].get("CPU", 1)) for node in alive), default=1)
+    per_node = math.ceil(replicas / max(1, len(alive)))
+    return max(1, cpus // per_node)
 
 
 def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, bytes, str]]:
@@ -569,7 +662,3 @@ def _steady_rate(batches: list[dict]) -> float | None:
         return None
     images = sum(b["images"] + b["rejected"] for b in batches[1:])
     return images / (batches[-1]["seconds"] - batches[0]["seconds"])
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None

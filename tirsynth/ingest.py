@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,7 +32,6 @@ from tirsynth.layouts import PairSource, Reject
 LOCK = ".ingest.lock"
 MIN_PAIRS_PER_WORKER = 60
 MIN_PAIRS_PER_TASK = 50
-COMMIT_SHARE = 0.1  # of a run's time, at most, spent rewriting the index
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
@@ -79,6 +79,9 @@ def run(cfg: IngestConfig) -> IngestResult:
         fingerprint = compute_fingerprint(cfg, inputs)
         index = shards.prepare_output(out, fingerprint, cfg.overwrite, shards.SPLITS, "ingest")
         done = {row["key"] for row in index}
+        counts = shards.PairCounts()
+        counts.add(index)
+        del index  # the counts are all this run needs of it
         planned, meta_unmatched = plan_pairs(pairs, meta_rows, cfg)
         planned, duplicates = drop_duplicate_keys(planned)
         rejects += duplicates
@@ -87,16 +90,16 @@ def run(cfg: IngestConfig) -> IngestResult:
         shards.write_json(out / shards.MANIFEST, manifest)
         reject_rows = [reject_row(r) for r in rejects]
         try:
-            added = write_pending(out, index, pending, cfg, reject_rows)
+            added = write_pending(out, counts, pending, cfg, reject_rows)
         except (OSError, parallel.WorkerLost) as err:  # inputs that fail are rejects instead
             raise IngestStopped(
                 f"ingest into {out} stopped: {err}. The pairs committed so far are kept; "
                 "run the same command again to finish."
             ) from err
-        counts = shards.count_pairs(out, index, reject_rows, "complete")
-        manifest.update(status="complete", counts=counts)
+        summary = shards.count_pairs(out, counts, reject_rows, "complete")
+        manifest.update(status="complete", counts=summary)
         shards.write_json(out / shards.MANIFEST, manifest)
-    return IngestResult(out, added, len(index), reject_rows, meta_unmatched)
+    return IngestResult(out, added, counts.pairs, reject_rows, meta_unmatched)
 
 
 def discover_all(cfg: IngestConfig) -> tuple[list[dict], list[PairSource], list[Reject]]:
@@ -202,22 +205,28 @@ def drop_duplicate_keys(planned: list[PlannedPair]) -> tuple[list[PlannedPair], 
 
 def write_pending(
     out: Path,
-    index: list[dict],
+    counts: shards.PairCounts,
     pending: list[PlannedPair],
     cfg: IngestConfig,
     reject_rows: list[dict],
 ) -> int:
-    """Convert pending pairs in shard-sized tasks, appending their rows to `index` and
-    committing finished shards (and the rejects, at least once); returns the number of
-    pairs added."""
+    """Convert pending pairs in shard-sized tasks; each task writes its shard, then commits
+    it with its index and rejects fragments. Returns the number of pairs added."""
     # A forked worker costs about as much as converting MIN_PAIRS_PER_WORKER pairs (the
     # fork, and the copy-on-write faults of both processes): with workers=0 (all cores)
     # small jobs use fewer, or none.
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(pending) // MIN_PAIRS_PER_WORKER))
     # Largest first, so that the last tasks to finish are small and no worker idles long.
     tasks = sorted(plan_tasks(out, pending, cfg.shard_size, workers), key=lambda t: -len(t.pairs))
-    added, uncommitted, last_commit, commit_cost = 0, 0, time.monotonic(), 0.0
-    options = {"verify": cfg.verify, "max_pixels": cfg.max_pixels, "resize": cfg.resize}
+    added = 0
+    options = {
+        "verify": cfg.verify,
+        "max_pixels": cfg.max_pixels,
+        "resize": cfg.resize,
+        "meta_columns": sorted({name for p in pending for name, _ in p.extra}),
+    }
+    # Rejects found before any shard (missing partners, duplicates), committed first.
+    shards.write_rejects(out, reject_rows)
     # Pillow loads its format plugins on first use: once here, not in each forked worker.
     Image.preinit()
     # Forked workers share the ingest lock's open file; fork_map reaps them before it
@@ -227,29 +236,11 @@ def write_pending(
         parallel.fork_map(write_task, [(t, options) for t in tasks], workers) as results,
     ):
         for rows, rejected in results:
-            index += rows
+            counts.add(rows)
             reject_rows += rejected
             added += len(rows)
-            uncommitted += 1
             bar.update(len(rows) + len(rejected))
-            # Each commit rewrites the whole index (3 us a row): spaced so that they take
-            # at most COMMIT_SHARE of the run, else a million pairs would mostly commit.
-            interval = max(cfg.commit_seconds, commit_cost / COMMIT_SHARE)
-            if time.monotonic() - last_commit >= interval:
-                started = time.monotonic()
-                commit(out, index, reject_rows)
-                uncommitted, last_commit = 0, time.monotonic()
-                commit_cost = last_commit - started
-        if uncommitted or not tasks:  # while the workers exit
-            commit(out, index, reject_rows)
     return added
-
-
-def commit(out: Path, index: list[dict], reject_rows: list[dict]) -> None:
-    # Shards are renamed into place by the workers before their rows get here, so an index
-    # row always points to a complete shard; a shard with no rows is removed on resume.
-    shards.write_table(out / shards.INDEX, index)
-    shards.write_rejects(out, reject_rows)
 
 
 def plan_tasks(
@@ -296,7 +287,33 @@ def write_task(args: tuple[ShardTask, dict]) -> tuple[list[dict], list[dict]]:
     if not shards.write_shard(task.path, samples()):
         task.path.unlink()  # every pair was rejected
     shard_bytes = shards.file_size(task.path) if rows else 0
-    return [{**row, "shard_bytes": shard_bytes} for row in rows], rejected
+    rows = [{**row, "shard_bytes": shard_bytes} for row in rows]
+    # The shard is in place before its index fragment, so an index row always points to a
+    # complete shard; a shard with no fragment is removed on resume and its pairs redone.
+    if rows:
+        schema = index_schema(options["meta_columns"])
+        shards.write_fragment(task.path.parent, shards.INDEX, task.path.stem, rows, schema)
+    if rejected:
+        shards.write_rejects(task.path.parent, rejected, fragment=task.path.stem)
+    # Only what the parent's counts need travels back, not whole rows.
+    return [{name: row[name] for name in shards.COUNTED} for row in rows], rejected
+
+
+def index_schema(meta_columns: list[str]) -> pa.Schema:
+    """One schema for every fragment of a run's index, columns that are null in one shard
+    included, so that readers of the folder see one table; metadata columns are text."""
+    text = pa.string()
+    fields = [
+        ("key", text), ("shard", text), ("split", text), ("dataset", text),
+        ("daynight", text), ("daynight_source", text), ("width", pa.int64()),
+        ("height", pa.int64()), ("rgb_member", text), ("tir_member", text),
+        ("tir_bits", pa.int64()), ("rgb_sha256", text), ("tir_sha256", text),
+        ("rgb_source_sha256", text), ("tir_source_sha256", text), ("rgb_path", text),
+        ("tir_path", text), ("rgb_conversion", text), ("tir_conversion", text),
+        ("shard_bytes", pa.int64()),
+    ]  # fmt: skip
+    known = {name for name, _ in fields}
+    return pa.schema(fields + [(name, text) for name in meta_columns if name not in known])
 
 
 def build_sample(pair: PlannedPair, shard: str, options: dict) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ from tirsynth.config import (
 STATE = "pipeline.json"
 KINDS = ("ingest", "train", "generate", "evaluate", "report")
 VARIABLE = re.compile(r"\$\{(\w+)\}")
+BUILTIN_REF = "builtin"  # a checkpoint reference: the model shipped in the package
 
 
 def run(path: str | Path, variables: dict[str, Any] | None = None, progress: bool = True):
@@ -174,7 +175,12 @@ STAGES = {
 
 
 def _checkpoint(ref: str, outputs: dict[str, Path]) -> Path:
-    """A train stage's best checkpoint (its latest when it never validated), or a path."""
+    """A train stage's best checkpoint (its latest when it never validated), the built-in
+    model for "builtin", or a path."""
+    if ref == BUILTIN_REF:
+        from tirsynth.checkpoint import BUILTIN  # torch: only when a checkpoint is needed
+
+        return BUILTIN
     if ref in outputs:
         best = outputs[ref] / "checkpoints" / "best.pt"
         return best if best.exists() else outputs[ref] / "checkpoints" / "latest.pt"
@@ -208,8 +214,11 @@ def _signature(path: Path) -> str:
     other folder: names and sizes."""
     if path.is_file():
         return shards.file_sha256(path)
-    if (path / shards.INDEX).is_file():
-        return shards.file_sha256(path / shards.INDEX)
+    index = path / shards.INDEX
+    if index.is_file():  # an older tirsynth's single-file index
+        return shards.file_sha256(index)
+    if index.is_dir():
+        return _digest([(p.name, shards.file_sha256(p)) for p in shards.fragments(index)])
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return _digest([(str(p.relative_to(path)), p.stat().st_size) for p in files])
 

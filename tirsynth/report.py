@@ -265,7 +265,8 @@ def _train(run_dir: Path, report: dict) -> list[str]:
 
 
 def _generate(run_dir: Path, report: dict) -> list[str]:
-    index = shards.read_index(run_dir)
+    # Null cells dropped: a metric an output has no value for (no real TIR) is absent.
+    index = [{k: v for k, v in r.items() if v is not None} for r in shards.read_index(run_dir)]
     names = [n for n in metrics.QUALITY_FIELDS if any(n in r for r in index)]
     parts = [
         "<h2>Quality</h2>",

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections import Counter
@@ -171,10 +172,18 @@ def rejects_by_reason(rejects: list[dict[str, Any]]) -> Counter:
     return Counter(reason_kind(r["reason"]) for r in rejects)
 
 
-def write_table(path: Path, rows: list[dict[str, Any]] | pa.Table) -> None:
+def write_table(
+    path: Path, rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema | None = None
+) -> None:
     """Write a Parquet table atomically; rows become columns named by the union of their
-    keys (metadata columns may differ between datasets)."""
-    table = rows if isinstance(rows, pa.Table) else tables.from_rows(rows)
+    keys (metadata columns may differ between datasets), typed by `schema` where it names
+    them, so that fragments of one table agree even where a column is all null."""
+    if isinstance(rows, pa.Table):
+        table = rows
+    elif schema is None:
+        table = tables.from_rows(rows)
+    else:
+        table = tables.from_rows(rows, schema)
     # Serialised in memory, then one write: pyarrow writing to a Python file object calls
     # back into Python for every chunk (a third slower for an index of a few hundred rows).
     sink = pa.BufferOutputStream()
@@ -183,25 +192,65 @@ def write_table(path: Path, rows: list[dict[str, Any]] | pa.Table) -> None:
         handle.write(sink.getvalue())
 
 
+def write_fragment(
+    out: Path, table: str, name: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None
+) -> Path:
+    """Rows as the fragment `out/<table>/<name>.parquet`, atomically.
+
+    A table (index.parquet, rejects.parquet) is a folder of fragments, one per shard,
+    written by the worker that wrote the shard, right after it: committing a shard costs
+    the same at the millionth shard as at the first. pyarrow, pandas and Ray Data read the
+    folder as one table.
+    """
+    folder = out / table
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.parquet"
+    write_table(path, rows, schema)
+    return path
+
+
 def write_rejects(
-    root: str | Path, rows: list[dict[str, Any]], names: tuple[str, ...] = REJECT_COLUMNS
+    root: str | Path,
+    rows: list[dict[str, Any]],
+    names: tuple[str, ...] = REJECT_COLUMNS,
+    fragment: str = "listing",
 ) -> None:
-    # Strings even when empty or all null, so that readers always see one schema.
-    columns = [tables.column([row.get(name) for row in rows], pa.string()) for name in names]
-    write_table(Path(root) / REJECTS, pa.Table.from_arrays(columns, names=list(names)))
+    """Reject rows as one fragment of rejects.parquet (by default the one for rejects found
+    before any shard is written), every column a string so that readers see one schema."""
+    schema = pa.schema([(name, pa.string()) for name in names])
+    write_fragment(Path(root), REJECTS, fragment, [{n: r.get(n) for n in names} for r in rows],
+                   schema)  # fmt: skip
 
 
-def read_table(path: Path) -> list[dict[str, Any]]:
+def read_table(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a table: a folder of fragments, or a single Parquet file (older runs)."""
+    if path.is_dir():
+        parts = [_read_parquet(p, columns) for p in fragments(path)]
+        if not parts:
+            return []
+        return pa.concat_tables(parts, promote_options="permissive").to_pylist()
     if not path.exists():
         return []
+    return _read_parquet(path, columns).to_pylist()
+
+
+def fragments(table: Path) -> list[Path]:
+    """A table folder's committed fragments (temporary files start with a dot)."""
+    return sorted(p for p in table.glob("*.parquet") if not p.name.startswith("."))
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> pa.Table:
     # One open handle: reading by path may open the file twice and mix two versions of
     # a table that a writer replaced in between.
     with open(path, "rb") as handle:
-        return tables.read_rows(handle)
+        parquet = pq.ParquetFile(handle)
+        if columns is not None:
+            columns = [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.read(columns=columns)
 
 
-def read_index(root: str | Path) -> list[dict[str, Any]]:
-    return read_table(Path(root) / INDEX)
+def read_index(root: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    return read_table(Path(root) / INDEX, columns)
 
 
 def read_rejects(root: str | Path) -> list[dict[str, Any]]:
@@ -218,25 +267,55 @@ def write_json(path: Path, value: Any) -> None:
         handle.write(json.dumps(value, indent=2, ensure_ascii=False).encode())
 
 
+COUNTED = ("shard", "split", "dataset", "daynight")  # the index columns counts need
+
+
 def summarize(root: str | Path) -> dict[str, Any]:
     """Counts of a pair-shard folder: by split, dataset and day/night; rejects by reason."""
     status = (read_manifest(root) or {}).get("status", "unknown")
-    return count_pairs(root, read_index(root), read_rejects(root), status)
+    counts = PairCounts()
+    counts.add(read_index(root, list(COUNTED)))
+    return count_pairs(root, counts, read_rejects(root), status)
+
+
+class PairCounts:
+    """Running counts of index rows by split, dataset and day/night, so that a run's
+    summary needs no rows kept in memory."""
+
+    def __init__(self) -> None:
+        self.groups: Counter = Counter()  # (split, dataset, daynight) -> pairs
+        self.shards: set[str] = set()
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.groups[row["split"], row["dataset"], row["daynight"]] += 1
+            self.shards.add(row["shard"])
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.groups.values())
 
 
 def count_pairs(
-    root: str | Path, rows: list[dict[str, Any]], rejects: list[dict[str, Any]], status: str
+    root: str | Path, counts: PairCounts, rejects: list[dict[str, Any]], status: str
 ) -> dict[str, Any]:
-    """`summarize` of index and reject rows already in memory."""
+    """The summary `info` prints and the manifest records."""
+
+    def by(*fields: int) -> dict[str, int]:
+        total: Counter = Counter()
+        for group, n in counts.groups.items():
+            total["/".join(str(group[i]) for i in fields)] += n
+        return dict(total)
+
     return {
         "root": str(root),
         "status": status,
-        "pairs": len(rows),
-        "shards": len({r["shard"] for r in rows}),
-        "by_split": dict(Counter(r["split"] for r in rows)),
-        "by_dataset": dict(Counter(r["dataset"] for r in rows)),
-        "by_daynight": dict(Counter(r["daynight"] for r in rows)),
-        "by_dataset_daynight": dict(Counter(f"{r['dataset']}/{r['daynight']}" for r in rows)),
+        "pairs": counts.pairs,
+        "shards": len(counts.shards),
+        "by_split": by(0),
+        "by_dataset": by(1),
+        "by_daynight": by(2),
+        "by_dataset_daynight": by(1, 2),
         "rejects": len(rejects),
         "rejects_by_reason": dict(rejects_by_reason(rejects)),
     }
@@ -289,20 +368,47 @@ def prepare_output(
                 "refusing to clear it"
             )
         for path in ours:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         return []
+    for table in (INDEX, REJECTS):
+        _split_into_fragments(out, table)
     index = read_index(out)
     intact = {r["shard"] for r in index if file_size(out / r["shard"]) == r["shard_bytes"]}
-    if len(intact) < len({r["shard"] for r in index}):
+    for shard in {r["shard"] for r in index} - intact:
         # A system crash can leave a renamed but unflushed shard: redo its samples.
-        index = [r for r in index if r["shard"] in intact]
-        write_table(out / INDEX, index)
+        (out / INDEX / f"{Path(shard).stem}.parquet").unlink()
+    index = [r for r in index if r["shard"] in intact]
+    for table in (INDEX, REJECTS):
+        for path in (out / table).glob(".*.tmp") if (out / table).is_dir() else ():
+            path.unlink()
     for path in ours:
         stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
         orphan = path.suffix == ".tar" and path.name not in intact
         if stale_tmp or orphan:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return index
+
+
+def _split_into_fragments(out: Path, table: str) -> None:
+    """An index or rejects file of an older tirsynth becomes a folder of fragments (one
+    per shard), so that a resumed run commits as new ones do."""
+    path = out / table
+    if not path.is_file():
+        return
+    rows = read_table(path)
+    staging = out / f".{table}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    by_shard: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(Path(row.get("shard") or "listing").stem, []).append(row)
+    for name, members in by_shard.items():
+        write_table(staging / f"{name}.parquet", members)
+    old = out / f".{table}.old.tmp"
+    os.replace(path, old)
+    os.replace(staging, path)
+    old.unlink()
 
 
 def next_shard_number(out: Path, prefix: str) -> int:

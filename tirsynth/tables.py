@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import array
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 
-def from_rows(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """A table whose columns are the union of the rows' keys, in first-seen order (a key
-    missing from a row is null there)."""
-    names = list(dict.fromkeys(name for row in rows for name in row))
-    columns = [column([row.get(name) for row in rows]) for name in names]
+def from_rows(rows: Sequence[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    """A table whose columns are `schema`'s, then the rest of the rows' keys in first-seen
+    order (a key missing from a row is null there); `schema` types its columns."""
+    known = list(schema.names) if schema is not None else []
+    names = list(dict.fromkeys([*known, *(name for row in rows for name in row)]))
+    columns = []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name in known:
+            kind = schema.field(name).type
+            columns.append(column(values, kind).cast(kind))
+        else:
+            columns.append(column(values))
     return pa.Table.from_arrays(columns, names=names)
-
-
-def read_rows(handle: IO[bytes]) -> list[dict[str, Any]]:
-    """Rows of a Parquet file open for reading."""
-    return pq.ParquetFile(handle).read().to_pylist()
 
 
 def column(values: list[Any], null_type: pa.DataType | None = None) -> pa.Array:
