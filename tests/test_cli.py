@@ -239,3 +239,33 @@ def test_evaluate_command(tmp_path, learnable_shards, tiny_checkpoint):
         ],
     )
     assert missing.exit_code == 1 and "no samples in split 'test'" in missing.output
+
+
+def test_generate_and_evaluate_use_the_builtin_model_in_an_empty_folder(
+    tmp_path, monkeypatch, ray_session
+):
+    """A fresh install: no --checkpoint, no ./runs: the built-in model, said so, one TIR
+    image per input at the input's size."""
+    from PIL import Image
+
+    from tirsynth import shards
+
+    inputs = tmp_path / "rgb"
+    inputs.mkdir()
+    for name in ("FLIR_03801.jpg", "FLIR_06506.jpg"):
+        (inputs / name).write_bytes((SAMPLE / "roadscene" / "crop_LR_visible" / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["generate", "--input", "rgb", "--out", "X"])
+    assert result.exit_code == 0, result.output
+    assert "using the built-in model" in result.output and "generated 2 images" in result.output
+    rows = shards.read_index(tmp_path / "X")
+    for row in rows:
+        with Image.open(inputs / row["relpath"]) as source:
+            assert (row["width"], row["height"]) == source.size
+    ingested = CliRunner().invoke(
+        cli, ["ingest", str(SAMPLE / "roadscene"), "--out", "pairs", "--split", "0,0,1"]
+    )
+    assert ingested.exit_code == 0, ingested.output
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--data", "pairs", "--out", "evaluation"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "using the built-in model" in evaluated.output

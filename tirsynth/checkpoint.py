@@ -1,11 +1,14 @@
-"""Training checkpoints: a dict of state_dicts, plain values and tensors, written atomically.
+"""Training checkpoints: a dict of state_dicts, plain values and tensors, written atomically;
+and generator weights alone as safetensors, for shipping (the built-in model).
 
-Loading uses `torch.load(weights_only=True)`, which refuses arbitrary pickled objects, and
-the model is rebuilt from the stored config before its weights are loaded.
+Loading uses `torch.load(weights_only=True)`, which refuses arbitrary pickled objects, or
+safetensors, which has no code to run at all; the model is rebuilt from the stored config
+before its weights are loaded.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from tirsynth.shards import atomic_output
 FORMAT = "tirsynth-checkpoint"
 VERSION = 1
 LATEST, BEST = "latest.pt", "best.pt"
+WEIGHTS_SUFFIX = ".safetensors"
+BUILTIN = Path(__file__).resolve().parent / "builtin" / "sparse_plus_half.safetensors"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
@@ -31,8 +36,71 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def save_weights(state: dict[str, Any], path: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A checkpoint's generator (its average, when training kept one) as safetensors.
+
+    Only what inference needs: the weights (floating ones in `dtype`, which halves the
+    file at float16), the config to rebuild the model, and the real-TIR statistics that
+    generation reports compare against. `load_checkpoint` reads it back.
+    """
+    from safetensors.torch import save
+
+    weights = state.get("generator_ema", state["generator"])
+    tensors = {
+        f"generator.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in weights.items()
+    }
+    stats = state["tir_stats"]
+    for name, value in stats.items():
+        if torch.is_tensor(value):
+            tensors[f"tir_stats.{name}"] = value.contiguous()
+    metadata = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "tirsynth": __version__,
+        "config": json.dumps(state["config"]),
+        "step": str(state.get("step", 0)),
+        "epoch": str(state.get("epoch", 0)),
+        "tir_stats_images": str(int(stats.get("images", 0))),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as handle:
+        handle.write(save(tensors, metadata))
+    return path
+
+
+def _load_weights(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a loadable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not tirsynth weights")
+    if int(metadata["version"]) > VERSION:
+        raise ValueError(f"{path}: weights version {metadata['version']} is newer than this tool")
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    weights = part("generator.")
+    generator = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return {
+        "format": FORMAT,
+        "version": int(metadata["version"]),
+        "config": json.loads(metadata["config"]),
+        "generator": generator,
+        "tir_stats": {**part("tir_stats."), "images": int(metadata["tir_stats_images"])},
+        "step": int(metadata["step"]),
+        "epoch": int(metadata.get("epoch", 0)),
+    }
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU without executing pickled code.
+    """Read a checkpoint (or safetensors weights) on the CPU without executing pickled code.
 
     Raises:
         FileNotFoundError: no such file.
@@ -42,6 +110,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == WEIGHTS_SUFFIX:
+        return _load_weights(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:

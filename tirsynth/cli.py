@@ -291,6 +291,28 @@ def generate(input_, overrides, dry_run, **flags) -> None:
             click.echo(f"  {count:>6}  {reason}")
 
 
+@cli.command("save-weights")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"])
+)
+def save_weights(checkpoint, out, dtype) -> None:
+    """A checkpoint's generator (its average, if kept) as OUT.safetensors: for inference
+    only, half the size at float16, loadable without pickle; --checkpoint takes it."""
+    from pathlib import Path
+
+    import torch
+
+    from tirsynth.checkpoint import WEIGHTS_SUFFIX, load_checkpoint
+    from tirsynth.checkpoint import save_weights as save
+
+    if not out.endswith(WEIGHTS_SUFFIX):
+        raise click.UsageError(f"OUT must end in {WEIGHTS_SUFFIX}")
+    path = save(load_checkpoint(checkpoint), Path(out), getattr(torch, dtype))
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
 @cli.command()
 @click.argument("generated", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", required=True, type=click.Path(file_okay=False), help="Target folder.")
@@ -534,6 +556,19 @@ def bench_generate(source, checkpoint, batch_size, precision, limit) -> None:
     from tirsynth import bench as bench_module
 
     for line in bench_module.bench_generate(source, checkpoint, batch_size, precision, limit):
+        click.echo(line)
+
+
+@bench.command("generate-scale")
+@click.option("--images", default=2000, show_default=True, type=click.IntRange(min=10))
+@click.option("--factor", default=10, show_default=True, type=click.IntRange(min=2))
+@click.option("--shard-size", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+def bench_generate_scale(images, factor, shard_size, batch_size) -> None:
+    """Generate at 1x and FACTORx images: per-image time and driver peak RSS, and ratios."""
+    from tirsynth import bench as bench_module
+
+    for line in bench_module.bench_generate_scale(images, factor, shard_size, batch_size):
         click.echo(line)
 
 

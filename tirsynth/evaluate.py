@@ -222,7 +222,7 @@ def _describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
         "kind": "checkpoint",
         "checkpoint": str(path.resolve()),
         "step": state["step"],
-        "epoch": state["epoch"],
+        "epoch": state.get("epoch"),
         "skips": list(cfg.model.resolved_skips()),
         "loss": to_dict(cfg.loss),
         "image_size": cfg.data.image_size,

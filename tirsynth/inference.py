@@ -7,6 +7,7 @@ reflection, translated, cropped back to the scaled content and resized to its ex
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,22 +19,29 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from tirsynth import images, metrics, shards
-from tirsynth.checkpoint import find_best_checkpoint, load_generator
+from tirsynth.checkpoint import BUILTIN, find_best_checkpoint, load_generator
 
 
 def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
-    """`path`, or the newest best.pt under `runs/` (printed), or a clear error."""
+    """`path`, or the newest best.pt under `runs/`, or the built-in model (printed)."""
     if path:
         return Path(path)
     found = find_best_checkpoint(runs)
-    if found is None:
-        raise FileNotFoundError(
-            f"no checkpoint given and no best.pt under ./{runs}/; train one with "
-            "`tirsynth train --config configs/sparse.yaml --data DATA --out runs/NAME`, "
-            "or pass --checkpoint PATH"
+    if found is not None:
+        print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")
+        return found
+    if BUILTIN.is_file():
+        print(
+            f"using the built-in model ({BUILTIN.name}: the paper's sparse U-Net at half "
+            f'width, trained on RoadScene + LLVIP; README, "Built-in model"): no --checkpoint '
+            f"given and no best.pt under ./{runs}/"
         )
-    print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")
-    return found
+        return BUILTIN
+    raise FileNotFoundError(
+        f"no checkpoint given, no best.pt under ./{runs}/ and no built-in model; train one "
+        "with `tirsynth train --config configs/sparse.yaml --data DATA --out runs/NAME`, or "
+        "pass --checkpoint PATH"
+    )
 
 
 class Translator:
@@ -44,19 +52,37 @@ class Translator:
     turns them into rejects.
 
     Args:
-        checkpoint: a training checkpoint.
+        checkpoint: a training checkpoint or safetensors weights; with `shipped`, only its
+            file name.
         precision: auto | fp32 | bf16 | fp16 (see `resolve_precision`).
         device: default CUDA when present, else the CPU.
         threads: CPU threads for the model (0: leave torch's setting).
+        shipped: the checkpoint's bytes, or a Ray object reference to them, for actors on
+            machines that do not have the file.
     """
 
     def __init__(
-        self, checkpoint: str, precision: str = "auto", device: str | None = None, threads: int = 0
+        self,
+        checkpoint: str,
+        precision: str = "auto",
+        device: str | None = None,
+        threads: int = 0,
+        shipped: Any = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.generator, _ = load_generator(checkpoint, self.device)
+        if shipped is None:
+            self.generator, _ = load_generator(checkpoint, self.device)
+        else:
+            if not isinstance(shipped, bytes):
+                import ray
+
+                shipped = ray.get(shipped)
+            with tempfile.TemporaryDirectory(prefix="tirsynth-checkpoint-") as folder:
+                local = Path(folder) / Path(checkpoint).name  # the suffix says its format
+                local.write_bytes(shipped)
+                self.generator, _ = load_generator(local, self.device)
         self.generator.to(memory_format=torch.channels_last)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)

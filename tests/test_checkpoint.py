@@ -1,0 +1,73 @@
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tirsynth import checkpoint, evaluate, inference, quality
+from tirsynth.checkpoint import BUILTIN, load_checkpoint, load_generator, save_weights
+
+SAMPLE = Path(__file__).resolve().parents[1] / "tirsynth" / "sample" / "roadscene"
+# The two sample pairs in the built-in model's test split (README, "Built-in model"); it
+# trained on the other six.
+HELD_OUT = ("FLIR_03801", "FLIR_06506")
+
+
+def test_weights_round_trip_without_pickle(tiny_checkpoint, tmp_path):
+    state = load_checkpoint(tiny_checkpoint)
+    path = save_weights(state, tmp_path / "tiny.safetensors")
+    header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8 : 8 + header_size])  # JSON, not a pickle
+    assert header["__metadata__"]["format"] == checkpoint.FORMAT
+    loaded = load_checkpoint(path)
+    assert loaded["config"] == state["config"]
+    assert torch.equal(loaded["tir_stats"]["lbp_hist"], state["tir_stats"]["lbp_hist"])
+    original, _ = load_generator(tiny_checkpoint)
+    shipped, _ = load_generator(path)
+    rgb = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert (original(rgb) - shipped(rgb)).abs().max() < 1e-2  # float16 weights
+
+
+def test_a_file_that_is_not_tirsynth_weights_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not tirsynth weights"):
+        load_checkpoint(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a loadable safetensors file"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_builtin_model_is_small_and_holds_the_recipe():
+    assert BUILTIN.is_file(), f"{BUILTIN} is missing from the package"
+    assert BUILTIN.stat().st_size <= 30 * 2**20
+    assert (BUILTIN.parent / "LICENSE-WEIGHTS.md").is_file()
+    config = load_checkpoint(BUILTIN)["config"]
+    assert config["model"]["ngf"] == 32 and config["model"]["depth"] == 8
+    assert config["model"]["skips"] == "sparse" and config["model"]["out_channels"] == 3
+    assert config["loss"]["gradient_of"] == "derivatives"
+    assert config["train"]["ema_power"] == 3.0
+
+
+def test_builtin_model_beats_rgb_luma_on_the_held_out_sample_pairs():
+    generator, state = load_generator(BUILTIN)
+    size = state["config"]["data"]["image_size"]
+    model, luma = [], []
+    for stem in HELD_OUT:
+        rgb = Image.open(SAMPLE / "crop_LR_visible" / f"{stem}.jpg").convert("RGB")
+        real = np.array(Image.open(SAMPLE / "cropinfrared" / f"{stem}.jpg").convert("L"))
+        (output,) = quality.translate_pairs(generator, [{"rgb": rgb}], size)
+        model.append(quality.score(real, output)["ssim"])
+        luma.append(quality.score(real, evaluate._luma(np.asarray(rgb)))["ssim"])
+    assert np.mean(model) > np.mean(luma) + 0.03, (model, luma)
+
+
+def test_without_checkpoint_or_runs_the_builtin_model_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert inference.resolve_checkpoint(None) == BUILTIN
+    assert "built-in model" in capsys.readouterr().out
