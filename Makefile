@@ -32,6 +32,7 @@ bench: $(BIN)/tirsynth
 		--meta ../shared/data/roadscene-daynight.csv --repeat 10
 	$(BIN)/tirsynth bench train
 	$(BIN)/tirsynth bench generate
+	$(BIN)/tirsynth bench generate-scale
 
 lint: $(BIN)/tirsynth
 	$(BIN)/ruff check tirsynth tests && $(BIN)/ruff format --check tirsynth tests
