@@ -408,3 +408,34 @@ def test_translator_loads_a_checkpoint_shipped_as_bytes(tiny_checkpoint):
         {"pixels": pixels}
     )["tir"]
     assert np.array_equal(by_path, shipped)
+
+
+def test_generate_across_a_two_node_cluster(tmp_path, tiny_checkpoint):
+    """Two Ray nodes on this machine (ray.cluster_utils.Cluster, in its own process: this
+    session already runs a Ray of its own); shards from workers on both land in one index."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    for i in range(24):
+        write_image(source / f"im{i:02d}.png", (48, 40), i)
+    script = f"""
+from ray.cluster_utils import Cluster
+from tirsynth import generate
+from tirsynth.config import GenerateConfig
+store = 150 * 2**20
+cluster = Cluster(initialize_head=True,
+                  head_node_args={{"num_cpus": 2, "object_store_memory": store}})
+cluster.add_node(num_cpus=2, object_store_memory=store)
+cluster.wait_for_nodes()
+try:
+    generate.run(GenerateConfig(input={str(source)!r}, out={str(out)!r},
+                                checkpoint={str(tiny_checkpoint)!r}, batch_size=2,
+                                shard_size=1, workers=2, address=cluster.address),
+                 progress=False)
+finally:
+    cluster.shutdown()
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=400)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = shards.read_index(out)
+    assert sorted(r["key"] for r in rows) == sorted(f"im{i:02d}" for i in range(24))
+    assert len({r["node"] for r in rows}) == 2  # both nodes' workers wrote shards

@@ -276,7 +276,7 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
 INDEX_SCHEMA = pa.schema(
     [("key", pa.string()), ("relpath", pa.string()), ("source", pa.string()),
      ("width", pa.int64()), ("height", pa.int64()), ("input_kind", pa.string()),
-     ("shard", pa.string()), ("shard_bytes", pa.int64())]
+     ("shard", pa.string()), ("shard_bytes", pa.int64()), ("node", pa.string())]
     + [(name, pa.float64()) for name in metrics.QUALITY_FIELDS]
 )  # fmt: skip
 
@@ -309,7 +309,9 @@ def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -
         shard = folder / f"{name}.tar"
         shards.write_shard(shard, samples)
         shard_bytes = shards.file_size(shard)
-        rows = [{**row, "shard": shard.name, "shard_bytes": shard_bytes} for row in rows]
+        node = _ray_node_id()  # which machine of a cluster wrote it
+        rows = [{**row, "shard": shard.name, "shard_bytes": shard_bytes, "node": node}
+                for row in rows]  # fmt: skip
         shards.write_fragment(folder, shards.INDEX, name, rows, INDEX_SCHEMA)
     if rejects:
         shards.write_rejects(folder, rejects, REJECT_COLUMNS, fragment=name)
@@ -319,6 +321,12 @@ def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -
         summary[f"{field}_sum"], summary[f"{field}_count"] = float(sum(values)), len(values)
     summary["reasons"] = json.dumps(dict(shards.rejects_by_reason(rejects)))
     return {k: np.array([v]) for k, v in summary.items()}
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]]:
