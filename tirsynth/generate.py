@@ -315,12 +315,19 @@ def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -
         shards.write_fragment(folder, shards.INDEX, name, rows, INDEX_SCHEMA)
     if rejects:
         shards.write_rejects(folder, rejects, REJECT_COLUMNS, fragment=name)
-    summary = {"shard": name, "images": len(rows), "rejected": len(rejects)}
-    for field in metrics.QUALITY_FIELDS:
-        values = [row[field] for row in rows if row.get(field) is not None]
-        summary[f"{field}_sum"], summary[f"{field}_count"] = float(sum(values)), len(values)
+    summary = {"shard": name, "images": len(rows), "rejected": len(rejects), **metric_sums(rows)}
     summary["reasons"] = json.dumps(dict(shards.rejects_by_reason(rejects)))
     return {k: np.array([v]) for k, v in summary.items()}
+
+
+def metric_sums(rows: list[dict[str, Any]]) -> dict[str, float | int]:
+    """`<metric>_sum` and `<metric>_count` of each quality metric over index rows (a metric
+    is missing from a row, or null there, when the output has no value for it)."""
+    sums: dict[str, float | int] = {}
+    for field in metrics.QUALITY_FIELDS:
+        values = [row[field] for row in rows if row.get(field) is not None]
+        sums[f"{field}_sum"], sums[f"{field}_count"] = float(sum(values)), len(values)
+    return sums
 
 
 def _ray_node_id() -> str | None:
@@ -375,10 +382,10 @@ class RunTotals:
     def add_rows(self, rows: list[dict[str, Any]]) -> None:
         """Index rows written by an earlier run into this folder."""
         self.outputs += len(rows)
+        sums = metric_sums(rows)
         for field in metrics.QUALITY_FIELDS:
-            values = [row[field] for row in rows if row.get(field) is not None]
-            self.sums[field] += sum(values)
-            self.counts[field] += len(values)
+            self.sums[field] += sums[f"{field}_sum"]
+            self.counts[field] += sums[f"{field}_count"]
 
     def add_shard(self, summary: dict[str, Any], seconds: float) -> None:
         """A shard a worker wrote in this run (`write_shard_batch`'s summary row)."""
