@@ -41,11 +41,14 @@ def test_bench_ingest_prints_pairs_per_second_and_the_ratio_to_the_floor(tmp_pat
     rows = {}
     for line in result.stdout.splitlines():  # without the progress bars on stderr
         if line.split()[:1] in (["x1"], ["x2"]):
-            name, pairs, floor, ingest_s, pairs_per_s, ratio = line.split()
-            rows[name] = (int(pairs), float(floor), float(ingest_s), float(ratio))
+            name, pairs, floor, ingest_s, pairs_per_s, ratio, peak = line.split()
+            rows[name] = (int(pairs), float(floor), float(ingest_s), float(ratio), float(peak))
     assert [rows[n][0] for n in ("x1", "x2")] == [8, 16]
-    for _, floor, ingest_s, ratio in rows.values():
+    for _, floor, ingest_s, ratio, peak in rows.values():
         assert ingest_s > 0 and abs(ratio - floor / ingest_s) < 0.02
+        assert 20 < peak < 4000  # MiB: this process and its workers, sampled
+    memory_ratio = next(line for line in result.stdout.splitlines() if "peak memory ratio" in line)
+    assert abs(float(memory_ratio.split()[-3]) - rows["x2"][4] / rows["x1"][4]) < 0.02
     assert list(tmp_path.iterdir()) == []  # the scratch folder is cleaned up
 
 

@@ -232,7 +232,7 @@ def test_pair_shards_input_is_scored_against_the_real_tir(
         progress=False,
     )
     rows = shards.read_index(tmp_path / "out")
-    assert len(rows) == len(discover_corpus(learnable_shards, split="val").images)
+    assert len(rows) == len(discover_corpus(learnable_shards, split="val").images())
     assert all(row["ssim"] > 0.5 and row["psnr"] > 15 for row in rows)  # a trained mapping
     assert result.report["overall"]["ssim"] > 0.5
 
@@ -281,6 +281,8 @@ def test_killed_generate_resumes_without_duplicates_or_gaps(tmp_path, tiny_check
         "--checkpoint",
         str(tiny_checkpoint),
         "--batch-size",
+        "2",
+        "--cpu-batch",
         "2",
         "--shard-size",
         "2",
@@ -427,7 +429,7 @@ cluster.add_node(num_cpus=2, object_store_memory=store)
 cluster.wait_for_nodes()
 try:
     generate.run(GenerateConfig(input={str(source)!r}, out={str(out)!r},
-                                checkpoint={str(tiny_checkpoint)!r}, batch_size=2,
+                                checkpoint={str(tiny_checkpoint)!r}, batch_size=2, cpu_batch=2,
                                 shard_size=1, workers=2, address=cluster.address),
                  progress=False)
 finally:
@@ -439,3 +441,31 @@ finally:
     rows = shards.read_index(out)
     assert sorted(r["key"] for r in rows) == sorted(f"im{i:02d}" for i in range(24))
     assert len({r["node"] for r in rows}) == 2  # both nodes' workers wrote shards
+
+
+def test_cpu_batch_model_batch_and_concurrency_are_separate_knobs(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    for i in range(7):
+        write_image(tmp_path / "in" / f"im{i}.png", (40, 30), i)
+    cfg = GenerateConfig(
+        input=str(tmp_path / "in"), out=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint),
+        batch_size=2, cpu_batch=3, concurrency=1, shard_size=4,
+    )  # fmt: skip
+    result = generate.run(cfg, progress=False)
+    keys = sorted(row["key"] for row in shards.read_index(tmp_path / "out"))
+    assert result.generated == 7 and keys == [f"im{i}" for i in range(7)]
+    assert not (tmp_path / "out" / generate.LISTING).exists()  # the run's listing is gone
+    with pytest.raises(ValueError, match="cpu_batch"):
+        GenerateConfig(input="x", cpu_batch=0)
+
+
+def test_run_totals_of_an_earlier_index_equal_its_rows_sums():
+    rows = [{"key": "a", "ssim": 0.5, "structure": 0.25}, {"key": "b", "ssim": None,
+             "structure": 0.75}]  # fmt: skip
+    totals = generate.RunTotals()
+    totals.add_table(shards.tables.from_rows(rows))
+    sums = generate.metric_sums(rows)
+    assert totals.outputs == 2
+    assert totals.sums["ssim"] == sums["ssim_sum"] and totals.counts["ssim"] == 1
+    assert totals.means()["structure"] == 0.5

@@ -124,3 +124,34 @@ def test_decode_tir_8bit_scales_16_bit_and_keeps_8_bit():
     buffer = io.BytesIO()
     Image.fromarray(values.astype(np.uint8)).save(buffer, format="PNG")
     assert shards.decode_tir_8bit(buffer.getvalue()).dtype == np.uint8
+
+
+def test_read_samples_reads_the_wanted_samples_only(tmp_path):
+    path = tmp_path / "s.tar"
+    shards.write_shard(path, samples(6))
+    found = shards.read_samples(path, {"k1", "k4", "missing"})
+    every = {s["__key__"]: s for s in shards.read_shard(path)}
+    for sample in every.values():
+        del sample["__url__"]  # where WebDataset read it from
+    assert found == {"k1": every["k1"], "k4": every["k4"]}
+
+
+def test_pair_counts_of_an_arrow_index_equal_those_of_its_rows():
+    rows = [
+        {"split": s, "dataset": d, "daynight": n, "shard": f"{s}-{i // 3}.tar"}
+        for i, (s, d, n) in enumerate(
+            [("train", "a", "day"), ("train", "a", "day"), ("val", "b", "night"),
+             ("test", "a", "unknown"), ("train", "b", "day")]
+        )
+    ]  # fmt: skip
+    by_rows, by_table = shards.PairCounts(), shards.PairCounts()
+    by_rows.add(rows)
+    by_table.add_table(tables.from_rows(rows))
+    by_table.add_table(pa.table({"key": pa.array([], pa.string())}))  # a new folder's index
+    assert by_table.groups == by_rows.groups and by_table.shards == by_rows.shards
+    assert by_table.pairs == 5
+
+
+def test_read_arrow_of_a_missing_table_has_the_asked_columns(tmp_path):
+    table = shards.read_arrow(tmp_path / shards.INDEX, ["key", "shard"])
+    assert table.column_names == ["key", "shard"] and len(table) == 0

@@ -35,7 +35,11 @@ def bench_ingest(
     """
     if scratch_root is not None:
         Path(scratch_root).mkdir(parents=True, exist_ok=True)
-    yield f"{'input':<10}{'pairs':>7}{'floor s':>11}{'ingest s':>11}{'pairs/s':>10}{'ratio':>8}"
+    yield (
+        f"{'input':<10}{'pairs':>7}{'floor s':>11}{'ingest s':>11}{'pairs/s':>10}{'ratio':>8}"
+        f"{'peak MiB':>10}"
+    )
+    peaks = {}
     with tempfile.TemporaryDirectory(prefix="tirsynth-bench-", dir=scratch_root) as scratch:
         corpora = [("x1", sources, meta)]
         if repeat > 1:
@@ -58,15 +62,20 @@ def bench_ingest(
                     sources=tuple(corpus_sources), meta=corpus_meta, out=str(out), workers=workers
                 )
                 os.sync()
-                runs.append(_time(lambda cfg=cfg: ingest.run(cfg)))
+                with _PeakMemory(interval=0.05) as memory:
+                    runs.append(_time(lambda cfg=cfg: ingest.run(cfg)))
+                peaks[name] = max(peaks.get(name, 0), memory.peak)
                 pairs = len(ingest.shards.read_index(out))
             floor, best = min(floors), min(runs)
             yield (
                 f"{name:<10}{pairs:>7}{floor:>11.4g}{best:>11.4g}{pairs / best:>10.1f}"
-                f"{floor / best:>8.2f}"
+                f"{floor / best:>8.2f}{peaks[name] / 2**20:>10.0f}"
             )
     if repeat > 1:
         yield f"input x{repeat} = the input copied {repeat} times under other names"
+        small, large = peaks.values()
+        yield f"peak memory ratio x{repeat} / x1: {large / small:.2f} (limit 1.25)"
+    yield "peak = largest PSS of this process and its ingest workers, sampled during ingest"
     yield (
         f"ratio = floor / ingest time (1.0 = as fast as reading and hashing once); "
         f"{os.cpu_count()} cores"
@@ -204,7 +213,12 @@ def _sync(device) -> None:
 
 
 def bench_generate(
-    source: str, checkpoint: str | None, batch_size: int, precision: str, limit: int = 0
+    source: str,
+    checkpoint: str | None,
+    batch_size: int,
+    precision: str,
+    limit: int = 0,
+    shard_size: int = 16,
 ) -> Iterator[str]:
     """End-to-end generation images/s against the bare generator forward pass.
 
@@ -237,6 +251,8 @@ def bench_generate(
             out=str(scratch / "out"),
             checkpoint=str(checkpoint),
             batch_size=batch_size,
+            cpu_batch=batch_size,
+            shard_size=shard_size,  # several shards: the steady state is first to last
             precision=precision,
         )
         with _PeakMemory() as memory:
@@ -262,13 +278,19 @@ def bench_generate(
 
 
 def bench_generate_scale(
-    images: int = 2000, factor: int = 10, shard_size: int = 2, batch_size: int = 8
+    images: int = 2000,
+    factor: int = 10,
+    shard_size: int = 2,
+    batch_size: int = 8,
+    cpu_batch: int = 32,
 ) -> Iterator[str]:
     """Generate over the same kind of corpus at 1x and `factor`x: per-image time and the
     driver's peak RSS of each, and their ratios (flat is the aim: cost linear in the
     corpus, driver memory bounded). A tiny random model and 32x24 images, so that the
     pipeline, not the model, is measured; small shards, so that per-shard costs show.
-    Each size runs in its own process (the driver's peak RSS is its own).
+    Each size runs in its own process (the driver's peak RSS is its own). The floor is
+    decoding each input and encoding an output of its size in one process, nothing else.
+    With `factor` 1, one size only.
     """
     import subprocess
     import sys
@@ -277,32 +299,55 @@ def bench_generate_scale(
         scratch = Path(scratch)
         checkpoint = _random_checkpoint(scratch, "tiny.yaml")
         results = {}
-        for count in (images, images * factor):
+        for count in (images, images * factor) if factor > 1 else (images,):
             source = _small_image_corpus(scratch / f"in-{count}", count)
+            floor = _decode_encode_images_per_s(source, min(count, 2000))
             out = scratch / f"out-{count}"
             command = [
                 sys.executable, "-m", "tirsynth.cli", "generate", "--input", str(source),
                 "--out", str(out), "--checkpoint", str(checkpoint), "--batch-size",
-                str(batch_size), "--shard-size", str(shard_size), "--precision", "fp32",
+                str(batch_size), "--cpu-batch", str(cpu_batch), "--shard-size",
+                str(shard_size), "--precision", "fp32",
             ]  # fmt: skip
             subprocess.run(command, check=True, capture_output=True)
             report = json.loads((out / "report.json").read_text())
             seconds, rss = report["pipeline_seconds"], report["driver_peak_rss_bytes"]
             results[count] = (seconds / report["generated_this_run"], rss)
             outputs = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            rate = report["generated_this_run"] / seconds
             yield (
-                f"{count} images: {report['generated_this_run'] / seconds:.0f} images/s "
-                f"({1000 * seconds / count:.2f} ms per image, {seconds:.1f} s after Ray "
-                f"started), driver peak RSS {rss / 2**20:.0f} MiB, output {outputs / 2**20:.1f} "
-                "MiB"
+                f"{count} images: {rate:.0f} images/s ({1000 * seconds / count:.2f} ms per "
+                f"image, {seconds:.1f} s after Ray started), driver peak RSS "
+                f"{rss / 2**20:.0f} MiB, output {outputs / 2**20:.1f} MiB; floor (decode + "
+                f"encode, one process) {floor:.0f} images/s, ratio {rate / floor:.2f}"
             )
             shutil.rmtree(out)
             shutil.rmtree(source)
-        (small_time, small_rss), (large_time, large_rss) = results.values()
+        if factor > 1:
+            (small_time, small_rss), (large_time, large_rss) = results.values()
+            yield (
+                f"{factor}x corpus: per-image time ratio {large_time / small_time:.2f} (limit "
+                f"1.15), driver peak RSS ratio {large_rss / small_rss:.2f} (limit 1.25)"
+            )
         yield (
-            f"{factor}x corpus: per-image time ratio {large_time / small_time:.2f} (limit 1.15), "
-            f"driver peak RSS ratio {large_rss / small_rss:.2f} (limit 1.25)"
+            f"shards of {shard_size}, {cpu_batch} images per CPU task, {batch_size} per model "
+            f"call; {os.cpu_count()} cores"
         )
+
+
+def _decode_encode_images_per_s(source: Path, limit: int) -> float:
+    """Images/s of reading, decoding and encoding an output of the same size as PNG (the
+    work generate cannot skip, without the model), in this process."""
+    import numpy as np
+
+    from tirsynth import inference
+
+    files = sorted(source.iterdir())[:limit]
+    start = time.perf_counter()
+    for path in files:
+        image = inference.decode_rgb(path.read_bytes(), 10**9)
+        inference.encode_png(np.asarray(image.convert("L")))
+    return len(files) / (time.perf_counter() - start)
 
 
 def _small_image_corpus(folder: Path, count: int, distinct: int = 64) -> Path:
@@ -393,12 +438,15 @@ def _image_subset(source: Path, limit: int, folder: Path) -> Path:
 
 
 class _PeakMemory:
-    """Samples the PSS of this process tree every 0.2 s in a thread."""
+    """Samples the PSS of this process tree every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
 
     def __enter__(self):
         import threading
 
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self._stop = _tree_pss(os.getpid()), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -408,7 +456,7 @@ class _PeakMemory:
         self._thread.join()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(self.interval):
             self.peak = max(self.peak, _tree_pss(os.getpid()))
 
 

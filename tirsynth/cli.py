@@ -239,7 +239,18 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     help="Input kind [auto: detected].",
 )
 @click.option("--split", help="Pair-shard input: only this split.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call [8].")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1),
+    help="Images per model call [64 with a GPU, else 8].",
+)  # fmt: skip
+@click.option(
+    "--cpu-batch", type=click.IntRange(min=1),
+    help="Images per CPU task: decoding, and mapping back, encoding and scoring [32].",
+)  # fmt: skip
+@click.option(
+    "--concurrency", type=click.IntRange(min=0),
+    help="CPU tasks at once in each CPU stage [0: as many as Ray schedules].",
+)  # fmt: skip
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -561,14 +572,19 @@ def bench_generate(source, checkpoint, batch_size, precision, limit) -> None:
 
 @bench.command("generate-scale")
 @click.option("--images", default=2000, show_default=True, type=click.IntRange(min=10))
-@click.option("--factor", default=10, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--factor", default=10, show_default=True, type=click.IntRange(min=1),
+    help="The second run's corpus, in multiples of --images (1: one run only).",
+)  # fmt: skip
 @click.option("--shard-size", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-def bench_generate_scale(images, factor, shard_size, batch_size) -> None:
+@click.option("--cpu-batch", default=32, show_default=True, type=click.IntRange(min=1))
+def bench_generate_scale(images, factor, shard_size, batch_size, cpu_batch) -> None:
     """Generate at 1x and FACTORx images: per-image time and driver peak RSS, and ratios."""
     from tirsynth import bench as bench_module
 
-    for line in bench_module.bench_generate_scale(images, factor, shard_size, batch_size):
+    lines = bench_module.bench_generate_scale(images, factor, shard_size, batch_size, cpu_batch)
+    for line in lines:
         click.echo(line)
 
 

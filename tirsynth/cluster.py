@@ -11,6 +11,7 @@ the real terminal for its own progress bar.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import TextIO
 
 LOG_NAME = "ray.log"
-LOCAL_OBJECT_STORE_BYTES = 1 << 30
+OBJECT_STORE_SHARE = 0.3  # of the machine's memory: Ray's own default share
+MIN_OBJECT_STORE_BYTES = 256 << 20
 
 
 @contextmanager
@@ -38,7 +40,7 @@ def ray_session(address: str | None, log_file: Path, verbose: bool = False) -> I
             ray.init(
                 address=address,
                 include_dashboard=False,
-                object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES,
+                object_store_memory=None if address else local_object_store_bytes(),
                 log_to_driver=verbose,  # quiet: workers' output stays in Ray's session logs
             )
         try:
@@ -46,6 +48,26 @@ def ray_session(address: str | None, log_file: Path, verbose: bool = False) -> I
         finally:
             if started_here:
                 ray.shutdown()
+
+
+def local_object_store_bytes(
+    memory: int | None = None, shared_memory_free: int | None = None
+) -> int:
+    """The object store of a local Ray: OBJECT_STORE_SHARE of this machine's memory, but
+    no more than 90% of what /dev/shm has free (a container's /dev/shm is often small, and
+    Ray then falls back to a slow disk-backed store and says so on every start).
+
+    Args:
+        memory: the machine's memory in bytes (default: this machine's).
+        shared_memory_free: free bytes in /dev/shm (default: this machine's).
+    """
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if shared_memory_free is None:
+        shm = Path("/dev/shm")
+        shared_memory_free = shutil.disk_usage(shm).free if shm.is_dir() else memory
+    wanted = min(int(OBJECT_STORE_SHARE * memory), int(0.9 * shared_memory_free))
+    return max(MIN_OBJECT_STORE_BYTES, wanted)
 
 
 @contextmanager

@@ -189,7 +189,9 @@ class GenerateConfig:
     checkpoint: str | None = None  # None: the newest best.pt under ./runs
     input_kind: CorpusKind = "auto"
     split: str | None = None  # pair-shard input: only this split
-    batch_size: int = 8  # images per model call
+    batch_size: int | None = None  # images per model call; None: 64 with a GPU, else 8
+    cpu_batch: int = 32  # images per CPU task (decode and fit; map back, encode and score)
+    concurrency: int = 0  # CPU tasks running at once per stage; 0: as many as Ray schedules
     workers: int = 0  # model replicas; 0: one per GPU, or 1 on the CPU
     precision: GeneratePrecision = "auto"  # auto: bf16 where the hardware has it, else fp32
     size: int | None = None  # model-side square; None: the checkpoint's data.image_size
@@ -204,8 +206,11 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
-        if self.batch_size < 1 or self.shard_size < 1 or self.workers < 0:
-            raise ValueError("batch_size and shard_size must be >= 1, workers >= 0")
+        sizes = (self.batch_size or 1, self.cpu_batch, self.shard_size)
+        if min(sizes) < 1 or self.workers < 0 or self.concurrency < 0:
+            raise ValueError(
+                "batch_size, cpu_batch and shard_size must be >= 1, workers and concurrency >= 0"
+            )
         if self.min_structure is not None and not -1 <= self.min_structure <= 1:
             raise ValueError(f"min_structure must be in [-1, 1], got {self.min_structure}")
 

@@ -1,8 +1,10 @@
 """RGB corpora that `generate` reads: a folder tree, COCO, YOLO, a list of paths, or pair shards.
 
-`discover_corpus` lists every input image with a stable key, its path relative to the
-corpus root (which `export` mirrors) and the labels that came with it, in its own format.
-Inputs that cannot be used become rejects with a reason.
+`discover_corpus` finds the input's kind; its listing then streams every input image
+with a stable key, its path relative to the corpus root (which `export` mirrors) and the
+labels that came with it, in its own format. Inputs that cannot be used become rejects
+with a reason. `write_listing` streams the images still to do into Parquet files that the
+generate pipeline reads a row group at a time, so no stage holds the corpus in memory.
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tirsynth import shards
 from tirsynth.config import CorpusKind
 from tirsynth.layouts import IMAGE_SUFFIXES, make_key
 
 COCO_PREFIX = "coco_"  # generate writes COCO input's json as coco_<name> beside its index
+LISTING_CHUNK_ROWS = 65_536  # rows the listing holds in memory at a time
+Reject = dict[str, str]  # key, path, reason
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,20 @@ class InputImage:
 class Corpus:
     kind: str
     root: Path
-    images: list[InputImage]
-    rejects: list[dict[str, str]] = field(default_factory=list)  # key, path, reason
-    coco_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> instances
+    # Lists the input again at each call: images and rejects, in a stable order.
+    entries: Callable[[], Iterator[InputImage | Reject]]
+    # COCO: json name -> path. Each is read when listed and when its copy is written, not
+    # held for the run (COCO's train json is hundreds of MB of Python objects).
+    coco_files: dict[str, Path] = field(default_factory=dict)
+
+    def images(self) -> list[InputImage]:
+        """Every image, keys made unique (`unique_key`): for corpora that fit in memory."""
+        found = [e for e in self.entries() if isinstance(e, InputImage)]
+        colliding = {key for key, n in Counter(i.key for i in found).items() if n > 1}
+        return [unique_key(image, colliding) for image in found]
+
+    def rejects(self) -> list[Reject]:
+        return [e for e in self.entries() if not isinstance(e, InputImage)]
 
 
 def discover_corpus(source: str | Path, kind: CorpusKind = "auto", split: str | None = None):
@@ -49,22 +69,21 @@ def discover_corpus(source: str | Path, kind: CorpusKind = "auto", split: str | 
         split: pair shards only: take this split (default: all).
 
     Returns:
-        A `Corpus`.
+        A `Corpus` (COCO's json files are read here; everything else when listed).
     """
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"input {root} does not exist")
     kind = detect_kind(root) if kind == "auto" else kind
-    readers = {
-        "folder": _read_folder,
-        "coco": _read_coco,
-        "yolo": _read_yolo,
-        "list": _read_list,
-        "shards": lambda r: _read_shards(r, split),
-    }
-    corpus = readers[kind](root)
-    _check_unique_keys(corpus)
-    return corpus
+    if kind == "coco":
+        coco_files = {path.name: path for path in _coco_jsons(root)}
+        return Corpus(kind, root, lambda: _list_coco(root, coco_files), coco_files)
+    if kind == "shards":
+        _check_split(root, split)
+        return Corpus(kind, root, lambda: _list_shards(root, split))
+    readers = {"folder": _list_folder, "yolo": _list_yolo, "list": _list_file}
+    base = root.parent if kind == "list" else root
+    return Corpus(kind, base, lambda: readers[kind](root))
 
 
 def detect_kind(root: Path) -> str:
@@ -84,97 +103,105 @@ def output_relpath(relpath: str) -> str:
     return f"{os.path.splitext(relpath)[0]}.png"
 
 
-def _read_folder(root: Path) -> Corpus:
-    images, rejects = [], []
+def _list_folder(root: Path) -> Iterator[InputImage | Reject]:
     for rel in _walk(root):
         path = root / rel
         if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-            images.append(InputImage(_key(rel), rel, str(path)))
+            yield InputImage(_key(rel), rel, str(path))
         else:
-            rejects.append(_reject(rel, path, "not an image file"))
-    return Corpus("folder", root, images, rejects)
+            yield _reject(rel, path, "not an image file")
 
 
-def _read_list(list_file: Path) -> Corpus:
+def _list_file(list_file: Path) -> Iterator[InputImage | Reject]:
     base = list_file.parent
-    images, rejects = [], []
-    lines = [line.strip() for line in list_file.read_text().splitlines()]
-    for line in (line for line in lines if line and not line.startswith("#")):
-        path = Path(line) if Path(line).is_absolute() else base / line
-        rel = line.lstrip("/") if Path(line).is_absolute() else line
-        rel = rel.replace(os.sep, "/")
-        if not path.is_file():
-            rejects.append(_reject(rel, path, "file listed but missing"))
-        else:
-            images.append(InputImage(_key(rel), rel, str(path)))
-    return Corpus("list", base, images, rejects)
+    with list_file.open() as lines:
+        for line in (line.strip() for line in lines):
+            if not line or line.startswith("#"):
+                continue
+            path = Path(line) if Path(line).is_absolute() else base / line
+            rel = line.lstrip("/") if Path(line).is_absolute() else line
+            rel = rel.replace(os.sep, "/")
+            if not path.is_file():
+                yield _reject(rel, path, "file listed but missing")
+            else:
+                yield InputImage(_key(rel), rel, str(path))
 
 
-def _read_yolo(root: Path) -> Corpus:
+def _list_yolo(root: Path) -> Iterator[InputImage | Reject]:
     """YOLO layout: images/<rel>.<ext> with labels/<rel>.txt (no file: no objects)."""
-    images, rejects = [], []
     label_root = root / "labels"
     for rel in _walk(root / "images"):
         path = root / "images" / rel
         if Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
-            rejects.append(_reject(f"images/{rel}", path, "not an image file"))
+            yield _reject(f"images/{rel}", path, "not an image file")
             continue
         label_file = label_root / f"{os.path.splitext(rel)[0]}.txt"
         text = label_file.read_text() if label_file.is_file() else ""
         labels = {"yolo": text, "label_file": f"labels/{os.path.splitext(rel)[0]}.txt"}
-        images.append(
-            InputImage(_key(f"images/{rel}"), f"images/{rel}", str(path), labels=json.dumps(labels))
+        yield InputImage(
+            _key(f"images/{rel}"), f"images/{rel}", str(path), labels=json.dumps(labels)
         )
-    image_stems = {os.path.splitext(i.relpath[len("images/") :])[0] for i in images}
+    # Label files without an image, one folder of images in memory at a time.
+    stems_in: dict[str, set[str]] = {}
     for rel in _walk(label_root):
-        if rel.endswith(".txt") and os.path.splitext(rel)[0] not in image_stems:
-            rejects.append(_reject(f"labels/{rel}", label_root / rel, "labels without an image"))
-    return Corpus("yolo", root, images, rejects)
+        folder, name = os.path.split(rel)
+        if folder not in stems_in:
+            stems_in = {folder: _image_stems(root / "images" / folder)}
+        if name.endswith(".txt") and os.path.splitext(name)[0] not in stems_in[folder]:
+            yield _reject(f"labels/{rel}", label_root / rel, "labels without an image")
 
 
-def _read_coco(root: Path) -> Corpus:
+def _image_stems(folder: Path) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:
+        return {
+            os.path.splitext(e.name)[0]
+            for e in entries
+            if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and not e.is_dir()
+        }
+
+
+def _list_coco(root: Path, coco_files: dict[str, Path]) -> Iterator[InputImage | Reject]:
     """COCO: annotations/*.json (instances) and the images they name, wherever they sit."""
-    images, rejects, coco_files = [], [], {}
-    for json_path in _coco_jsons(root):
+    for name, json_path in coco_files.items():
         coco = json.loads(json_path.read_text())
-        coco_files[json_path.name] = coco
         by_image: dict[Any, list] = {}
         for annotation in coco.get("annotations", []):
             by_image.setdefault(annotation["image_id"], []).append(annotation)
-        subset = json_path.stem.removeprefix("instances_")
         for entry in coco["images"]:
-            path = _find_coco_image(root, subset, entry["file_name"])
-            rel = path.relative_to(root).as_posix() if path else entry["file_name"]
-            labels = {
-                "coco": {
-                    "file": json_path.name,
-                    "image": entry,
-                    "annotations": by_image.get(entry["id"], []),
-                }
-            }
+            path, rel = coco_image_path(root, name, entry)
             if path is None:
-                rejects.append(_reject(rel, root / rel, "image named in COCO json not found"))
+                yield _reject(rel, root / rel, "image named in COCO json not found")
                 continue
-            images.append(InputImage(_key(rel), rel, str(path), labels=json.dumps(labels)))
-    return Corpus("coco", root, images, rejects, coco_files)
+            annotations = by_image.get(entry["id"], [])
+            labels = {"coco": {"file": name, "image": entry, "annotations": annotations}}
+            yield InputImage(_key(rel), rel, str(path), labels=json.dumps(labels))
 
 
-def _read_shards(root: Path, split: str | None) -> Corpus:
-    rows = [r for r in shards.read_index(root) if split is None or r["split"] == split]
-    if not rows:
+def coco_image_path(root: Path, json_name: str, entry: dict) -> tuple[Path | None, str]:
+    """(the file a COCO json's image entry names, or None; its path under the root)."""
+    subset = Path(json_name).stem.removeprefix("instances_")
+    path = _find_coco_image(root, subset, entry["file_name"])
+    return path, path.relative_to(root).as_posix() if path else entry["file_name"]
+
+
+def _check_split(root: Path, split: str | None) -> None:
+    splits = {row["split"] for row in shards.read_index(root, ["split"])}
+    if not splits or (split is not None and split not in splits):
         raise ValueError(f"{root}: no pair samples" + (f" in split {split!r}" if split else ""))
-    images = [
-        InputImage(
-            row["key"],
-            f"{row['split']}/{row['key']}.png",
-            shard=row["shard"],
-            labels=json.dumps(
-                {"dataset": row["dataset"], "daynight": row["daynight"], "split": row["split"]}
-            ),
-        )
-        for row in rows
-    ]
-    return Corpus("shards", root, images)
+
+
+def _list_shards(root: Path, split: str | None) -> Iterator[InputImage]:
+    columns = ["key", "split", "shard", "dataset", "daynight"]
+    for row in shards.read_index(root, columns):
+        if split is not None and row["split"] != split:
+            continue
+        labels = {"dataset": row["dataset"], "daynight": row["daynight"], "split": row["split"]}
+        yield InputImage(
+            row["key"], f"{row['split']}/{row['key']}.png", shard=row["shard"],
+            labels=json.dumps(labels),
+        )  # fmt: skip
 
 
 def _coco_jsons(root: Path) -> list[Path]:
@@ -195,14 +222,14 @@ def _find_coco_image(root: Path, subset: str, file_name: str) -> Path | None:
     return None
 
 
-def _walk(folder: Path) -> list[str]:
-    found = []
+def _walk(folder: Path) -> Iterator[str]:
+    """Files under `folder` ('/'-separated, relative), sorted within each folder, hidden
+    ones left out; one folder's names in memory at a time."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in sorted(filenames):
             if not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(dirpath, name), folder))
-    return [rel.replace(os.sep, "/") for rel in found]
+                yield os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
 
 
 def _key(relpath: str) -> str:
@@ -213,20 +240,136 @@ def _reject(rel: str, path: Path, reason: str) -> dict[str, str]:
     return {"key": _key(rel), "path": str(path), "reason": reason}
 
 
-def _check_unique_keys(corpus: Corpus) -> None:
-    # a.jpg and a.png share a stem: give each colliding image a key from its full path.
-    counts = Counter(image.key for image in corpus.images)
-    if all(count == 1 for count in counts.values()):
-        return
-    corpus.images = [
-        image
-        if counts[image.key] == 1
-        else InputImage(
-            make_key("img", image.relpath).removeprefix("img_"),
-            image.relpath,
-            image.path,
-            image.shard,
-            image.labels,
-        )
-        for image in corpus.images
-    ]
+def unique_key(image: InputImage, colliding: set[str]) -> InputImage:
+    """a.jpg and a.png share a stem: each image whose key is in `colliding` gets a key from
+    its full path."""
+    if image.key not in colliding:
+        return image
+    return InputImage(
+        make_key("img", image.relpath).removeprefix("img_"),
+        image.relpath,
+        image.path,
+        image.shard,
+        image.labels,
+    )
+
+
+LISTING_SCHEMA = pa.schema(
+    [(name, pa.string())
+     for name in ("key", "relpath", "path", "shard", "labels", "source", "input_path")]
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The images a run still has to do, as Parquet files of `file_groups` row groups each
+    (the last file may hold fewer); a row group is one CPU task's images."""
+
+    folder: Path
+    groups: int
+    file_groups: int
+    images: int
+    rejects: list[Reject]  # every reject found while listing
+
+
+def read_listing_group(folder: str | Path, file_groups: int, group: int) -> dict[str, list]:
+    """Row group number `group` (counted over the whole listing), column by column."""
+    path = Path(folder) / _listing_file(group // file_groups)
+    with open(path, "rb") as handle:
+        return pq.ParquetFile(handle).read_row_group(group % file_groups).to_pydict()
+
+
+def _listing_file(number: int) -> str:
+    return f"part-{number:06d}.parquet"
+
+
+def write_listing(
+    corpus: Corpus, folder: Path, done: pa.Array, group_rows: int, file_groups: int = 64
+) -> Listing:
+    """Stream the corpus's images whose keys are not in `done` to Parquet files in `folder`,
+    in row groups of `group_rows` images.
+
+    Three passes over chunks of LISTING_CHUNK_ROWS, so that memory holds one chunk and the
+    keys (as Arrow strings) rather than the corpus: list to raw chunks; find the keys that
+    collide; give those their full-path keys (`unique_key`), drop what is done and cut the
+    rest into files of `file_groups` row groups. Rejects (not an image, a missing file) are
+    returned, all of them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    raw, rejects, chunk = [], [], []
+    for entry in corpus.entries():
+        if not isinstance(entry, InputImage):
+            rejects.append(entry)
+            continue
+        chunk.append(_listing_row(entry))
+        if len(chunk) == LISTING_CHUNK_ROWS:
+            raw.append(_write_raw(folder, len(raw), chunk))
+            chunk = []
+    if chunk or not raw:
+        raw.append(_write_raw(folder, len(raw), chunk))
+    keys = pa.chunked_array([pq.read_table(path, columns=["key"])["key"] for path in raw])
+    counts = pc.value_counts(keys)
+    colliding = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    writer = _ListingWriter(folder, file_groups, group_rows)
+    for path in raw:
+        table = pq.read_table(path)
+        if len(colliding) and pc.any(pc.is_in(table["key"], colliding)).as_py():
+            names = set(colliding.to_pylist())
+            rows = [_listing_row(unique_key(_input_image(row), names)) for row in table.to_pylist()]
+            table = pa.Table.from_pylist(rows, LISTING_SCHEMA)
+        writer.add(table.filter(pc.invert(pc.is_in(table["key"], done))))
+        path.unlink()
+    writer.close()
+    return Listing(folder, writer.groups, file_groups, writer.rows, rejects)
+
+
+class _ListingWriter:
+    """Cuts a stream of tables into files of `file_groups` groups of `group_rows` rows."""
+
+    def __init__(self, folder: Path, file_groups: int, group_rows: int) -> None:
+        self.folder, self.group_rows = folder, group_rows
+        self.file_rows = file_groups * group_rows
+        self.pending: list[pa.Table] = []
+        self.rows = self.files = self.groups = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        buffered = pa.concat_tables(self.pending)
+        while len(buffered) >= self.file_rows:
+            self._write(buffered.slice(0, self.file_rows))
+            buffered = buffered.slice(self.file_rows)
+        self.pending = [buffered]
+
+    def close(self) -> None:
+        buffered = pa.concat_tables(self.pending)
+        if len(buffered):
+            self._write(buffered)
+
+    def _write(self, table: pa.Table) -> None:
+        path = self.folder / _listing_file(self.files)
+        shards.write_table(path, table, row_group_size=self.group_rows)
+        self.groups += -(-len(table) // self.group_rows)
+        self.rows += len(table)
+        self.files += 1
+
+
+def _write_raw(folder: Path, number: int, rows: list[dict[str, str]]) -> Path:
+    path = folder / f"raw-{number:06d}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, LISTING_SCHEMA), path)
+    return path
+
+
+def _listing_row(image: InputImage) -> dict[str, str]:
+    return {
+        "key": image.key,
+        "relpath": image.relpath,
+        "path": image.path,
+        "shard": image.shard,
+        "labels": image.labels,
+        "source": image.path or f"{image.shard}:{image.key}",
+        "input_path": image.path or image.shard,
+    }
+
+
+def _input_image(row: dict[str, str]) -> InputImage:
+    return InputImage(row["key"], row["relpath"], row["path"], row["shard"], row["labels"])

@@ -30,10 +30,10 @@ def run(generated: str | Path, to: str | Path, progress: bool = True) -> int:
         raise ValueError(f"{generated} is not the output of `tirsynth generate`")
     if manifest["status"] != "complete":
         raise ValueError(f"{generated}: generation is incomplete; run it again to finish it")
-    index = shards.read_index(generated)
+    shard_column = shards.read_arrow(generated / shards.INDEX, ["shard"])["shard"]
     written = 0
-    bar = tqdm(total=len(index), disable=not progress, unit="img", desc="export")
-    for shard in sorted({row["shard"] for row in index}):
+    bar = tqdm(total=len(shard_column), disable=not progress, unit="img", desc="export")
+    for shard in sorted(shard_column.unique().to_pylist()):
         for sample in shards.read_shard(generated / shard):
             record = json.loads(sample["json"])
             _write(to / output_relpath(record["relpath"]), sample["tir.png"])

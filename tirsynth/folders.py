@@ -39,12 +39,13 @@ def describe(root: str | Path) -> dict[str, Any]:
 
 
 def _generated(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    rows, rejects = shards.read_index(root), shards.read_rejects(root)
+    index = shards.read_arrow(root / shards.INDEX, ["shard"])
+    rejects = shards.read_rejects(root)
     return {
         "root": str(root),
         "status": manifest.get("status", "unknown"),
-        "outputs": len(rows),
-        "shards": len({r["shard"] for r in rows}),
+        "outputs": len(index),
+        "shards": len({shard for (shard,) in shards.value_rows(index, ["shard"])}),
         "input": manifest.get("input"),
         "input_kind": manifest.get("input_kind"),
         "checkpoint": manifest.get("checkpoint"),

@@ -21,6 +21,7 @@ import json
 import math
 import resource
 import shlex
+import shutil
 import sys
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -40,15 +42,28 @@ from tirsynth.checkpoint import (
     load_checkpoint,
 )
 from tirsynth.config import GenerateConfig, to_dict
-from tirsynth.corpus import COCO_PREFIX, Corpus, discover_corpus, output_relpath
+from tirsynth.corpus import (
+    COCO_PREFIX,
+    Corpus,
+    Listing,
+    coco_image_path,
+    discover_corpus,
+    output_relpath,
+    read_listing_group,
+    write_listing,
+)
 from tirsynth.report import write_report
 
 SHARD_PREFIX = "tir"
 LOCK = ".generate.lock"
+LISTING = ".listing.tmp"  # what this run still has to do; a rerun lists again
 REPORT = "report.json"
 REJECT_COLUMNS = ("key", "path", "reason")
 READ_ATTEMPTS = 3  # reads of an input before a transient error becomes a reject
 RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it again
+CPU_BATCH, GPU_BATCH = 8, 64  # default images per model call without and with a GPU
+PREPROCESS_COPIES = 4  # an image's bytes a decoding task holds, in model-side squares
+WORKER_BYTES = 512 << 20  # a Ray worker process with our imports, before any data
 # Input columns each stage hands on untouched, for the worker that writes the shard.
 PASSED_THROUGH = ("relpath", "labels", "source", "input_path")
 
@@ -96,22 +111,28 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
             for fragment in shards.fragments(out / shards.REJECTS):
                 fragment.unlink()
         totals = RunTotals()
-        totals.add_rows(index)
-        generated = {r["key"] for r in index}
-        del index  # the totals are all this run needs of it
+        totals.add_table(index)
+        generated = index["key"].combine_chunks()
+        del index  # the totals and the keys are all this run needs of it
+        rejected = shards.read_arrow(out / shards.REJECTS, ["key"])["key"]
+        done = pa.chunked_array([generated, *rejected.chunks], pa.string()).combine_chunks()
+        # Absolute: Ray workers do not share this process's working directory.
+        listing = write_listing(corpus, (out / LISTING).resolve(), done, cfg.cpu_batch)
         # What the listing rejects (not an image, a missing file) is found again each run.
-        listing = [r for r in corpus.rejects if r["key"] not in generated]
-        shards.write_rejects(out, listing, REJECT_COLUMNS)
-        done = generated | {r["key"] for r in shards.read_rejects(out)}
-        pending = [image for image in corpus.images if image.key not in done]
+        keys = pa.array([r["key"] for r in listing.rejects], pa.string())
+        stored = pc.is_in(keys, generated).to_pylist()
+        shards.write_rejects(
+            out, [r for r, s in zip(listing.rejects, stored, strict=True) if not s], REJECT_COLUMNS
+        )
         manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
         manifest["output_options"] = options  # what a resume must agree on
         shards.write_json(out / shards.MANIFEST, manifest)
         pipeline_seconds = 0.0
-        if pending:
+        if listing.images:
             pipeline_seconds = _run_pipeline(
-                cfg, corpus, pending, checkpoint, size, state, totals, progress
+                cfg, corpus, listing, checkpoint, size, state, totals, progress
             )
+        shutil.rmtree(listing.folder)
         if corpus.coco_files:
             write_coco(out, corpus, shards.read_index(out, ["key", "relpath", "shard"]))
         rejects = shards.read_rejects(out)
@@ -379,13 +400,12 @@ class RunTotals:
         self.reasons: Counter = Counter()
         self.points: list[dict[str, Any]] = []  # images, rejected, seconds, sums, counts
 
-    def add_rows(self, rows: list[dict[str, Any]]) -> None:
-        """Index rows written by an earlier run into this folder."""
-        self.outputs += len(rows)
-        sums = metric_sums(rows)
-        for field in metrics.QUALITY_FIELDS:
-            self.sums[field] += sums[f"{field}_sum"]
-            self.counts[field] += sums[f"{field}_count"]
+    def add_table(self, index: pa.Table) -> None:
+        """The index (as Arrow) that an earlier run wrote into this folder."""
+        self.outputs += len(index)
+        for field in set(metrics.QUALITY_FIELDS) & set(index.column_names):
+            self.sums[field] += pc.sum(index[field]).as_py() or 0.0
+            self.counts[field] += len(index) - index[field].null_count
 
     def add_shard(self, summary: dict[str, Any], seconds: float) -> None:
         """A shard a worker wrote in this run (`write_shard_batch`'s summary row)."""
@@ -432,16 +452,14 @@ def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
     """COCO input: each instances json again, its images pointing at the TIR outputs
     (`export` paths, with the shard and key), annotations unchanged; images that were
     rejected are left out with their annotations, so no label points at a missing image."""
-    by_key = {row["key"]: row for row in index}
-    key_of = {}  # (json name, image id) -> key
-    for image in corpus.images:
-        coco = json.loads(image.labels)["coco"]
-        key_of[coco["file"], coco["image"]["id"]] = image.key
+    by_relpath = {row["relpath"]: row for row in index}
     written = []
-    for name, coco in corpus.coco_files.items():
+    for name, coco_path in corpus.coco_files.items():
+        coco = json.loads(coco_path.read_text())
         kept_images = []
         for entry in coco["images"]:
-            row = by_key.get(key_of.get((name, entry["id"]), ""))
+            path, relpath = coco_image_path(corpus.root, name, entry)
+            row = by_relpath.get(relpath) if path is not None else None
             if row is not None:
                 kept_images.append(
                     {
@@ -486,8 +504,8 @@ def build_report(
     }
 
 
-def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progress) -> float:
-    """Run the Ray Data pipeline over `pending`; returns its seconds."""
+def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals, progress):
+    """Run the Ray Data pipeline over the listing's images; returns its seconds."""
     import ray
     import ray.data
 
@@ -498,6 +516,7 @@ def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progres
         context.enable_progress_bars = False  # ours counts images, not blocks
         gpus = int(ray.cluster_resources().get("GPU", 0))
         replicas = cfg.workers or max(gpus, 1)
+        model_batch = cfg.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
         # Ray gives each actor one thread per CPU it reserves. On the CPU the model is the
         # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU
         # (leaving the rest to decoding and scoring) but runs on its share of its node's.
@@ -505,25 +524,26 @@ def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progres
         # The checkpoint travels to the actors through the object store: on a cluster the
         # path exists only on this machine.
         shipped = ray.put(checkpoint.read_bytes())
-        rows = [
-            {
-                "key": i.key,
-                "path": i.path,
-                "shard": i.shard,
-                "relpath": i.relpath,
-                "labels": i.labels,
-                "source": i.path or f"{i.shard}:{i.key}",
-                "input_path": i.path or i.shard,
-            }
-            for i in pending
-        ]
+        cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
         stats = state["tir_stats"]
+        groups = listing.groups
         dataset = (
-            ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // cfg.batch_size))
+            # One row per row group of the listing, which the first task reads itself: the
+            # driver never holds the corpus's rows.
+            ray.data.range(groups, override_num_blocks=groups)
             .map_batches(
-                preprocess_batch,
-                batch_size=cfg.batch_size,
+                preprocess_group,
+                batch_size=1,
+                compute=cpu_tasks,
+                # What a task's worker holds: a Python with numpy, torch and PIL loaded, and
+                # its batch's decoded images and fitted squares. Declaring it also keeps
+                # these tasks apart from the model's actors (Ray Data fuses a task stage
+                # into the actor stage after it when their resources are equal, as they
+                # are without a GPU): decoding runs beside the model, not in turn with it.
+                memory=WORKER_BYTES + cfg.cpu_batch * size * size * 3 * PREPROCESS_COPIES,
                 fn_kwargs={
+                    "listing": str(listing.folder),
+                    "file_groups": listing.file_groups,
                     "size": size,
                     "root": str(corpus.root),
                     "max_pixels": cfg.max_pixels,
@@ -532,7 +552,7 @@ def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progres
             )
             .map_batches(
                 inference.Translator,
-                batch_size=cfg.batch_size,
+                batch_size=model_batch,
                 fn_constructor_kwargs={
                     "checkpoint": checkpoint.name,
                     "precision": cfg.precision,
@@ -544,7 +564,8 @@ def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progres
             )
             .map_batches(
                 postprocess_batch,
-                batch_size=cfg.batch_size,
+                batch_size=cfg.cpu_batch,
+                compute=cpu_tasks,
                 fn_kwargs={
                     "intensity_hist": stats["intensity_hist"].tolist(),
                     "lbp_hist": stats["lbp_hist"].tolist(),
@@ -554,17 +575,26 @@ def _run_pipeline(cfg, corpus, pending, checkpoint, size, state, totals, progres
             .map_batches(
                 write_shard_batch,
                 batch_size=cfg.shard_size,
+                compute=cpu_tasks,
                 fn_kwargs={"out": str(out.resolve()), "input_kind": corpus.kind},
             )
         )
         bar = tqdm(
-            total=len(pending), disable=not progress, unit="img", desc="generate", file=console
+            total=listing.images, disable=not progress, unit="img", desc="generate", file=console
         )
         for summary in dataset.iter_rows():
             totals.add_shard(summary, time.perf_counter() - started)
             bar.update(int(summary["images"]) + int(summary["rejected"]))
         bar.close()
         return time.perf_counter() - started
+
+
+def preprocess_group(batch: dict[str, np.ndarray], listing: str, file_groups: int, **options):
+    """The first task of the pipeline: read row group `batch["id"][0]` of the listing, then
+    `preprocess_batch` its images."""
+    rows = read_listing_group(listing, file_groups, int(batch["id"][0]))
+    columns = {name: np.array(values, dtype=object) for name, values in rows.items()}
+    return preprocess_batch(columns, **options)
 
 
 def _threads_per_replica(nodes: list[dict], replicas: int) -> int:
@@ -591,11 +621,10 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
             retryable = RETRYABLE if _is_transient(err) else ""
             sources[key] = (b"", b"", f"unreadable file{retryable}: {err.strerror or err}")
     for shard, wanted in wanted_by_shard.items():
-        for sample in shards.read_shard(Path(root) / shard):
-            if sample["__key__"] in wanted:
-                rgb = next(v for k, v in sample.items() if k.startswith("rgb."))
-                tir = next(v for k, v in sample.items() if k.startswith("tir."))
-                sources[sample["__key__"]] = (rgb, tir, "")
+        for key, sample in shards.read_samples(Path(root) / shard, wanted).items():
+            rgb = next(v for k, v in sample.items() if k.startswith("rgb."))
+            tir = next(v for k, v in sample.items() if k.startswith("tir."))
+            sources[key] = (rgb, tir, "")
         for key in wanted - sources.keys():
             sources[key] = (b"", b"", f"sample missing from pair shard {shard}")
     return sources

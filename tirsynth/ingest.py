@@ -78,9 +78,9 @@ def run(cfg: IngestConfig) -> IngestResult:
         meta_rows = read_meta(cfg.meta) if cfg.meta else []
         fingerprint = compute_fingerprint(cfg, inputs)
         index = shards.prepare_output(out, fingerprint, cfg.overwrite, shards.SPLITS, "ingest")
-        done = {row["key"] for row in index}
+        done = set(index["key"].to_pylist())
         counts = shards.PairCounts()
-        counts.add(index)
+        counts.add_table(index)
         del index  # the counts are all this run needs of it
         planned, meta_unmatched = plan_pairs(pairs, meta_rows, cfg)
         planned, duplicates = drop_duplicate_keys(planned)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tirsynth import metrics, shards
 from tirsynth.quality import write_image_grid
@@ -265,23 +267,26 @@ def _train(run_dir: Path, report: dict) -> list[str]:
 
 
 def _generate(run_dir: Path, report: dict) -> list[str]:
-    # Null cells dropped: a metric an output has no value for (no real TIR) is absent.
-    index = [{k: v for k, v in r.items() if v is not None} for r in shards.read_index(run_dir)]
-    names = [n for n in metrics.QUALITY_FIELDS if any(n in r for r in index)]
+    # Arrow columns, not rows: the index of a million outputs is a few floats per output.
+    index = shards.read_arrow(
+        run_dir / shards.INDEX, ["key", "shard", "source", *metrics.QUALITY_FIELDS]
+    )
+    values = {
+        n: index[n].drop_null().to_numpy()
+        for n in metrics.QUALITY_FIELDS
+        if n in index.column_names and index[n].null_count < len(index)
+    }
     parts = [
         "<h2>Quality</h2>",
         f"<p>{report['outputs']} outputs ({report['generated_this_run']} in the last run), "
         f"{report['rejects']} rejects.</p>",
-        _table(
-            ["metric", "mean", "min", "max"],
-            [(n, *_stats([r[n] for r in index if r.get(n) is not None])) for n in names],
-        ),
+        _table(["metric", "mean", "min", "max"], [(n, *_stats(v)) for n, v in values.items()]),
     ]
     batches = report.get("batches") or []
     if batches:
         series = {
             n: ([b["batch"] for b in batches], [b.get(n) for b in batches])
-            for n in names
+            for n in values
             if any(b.get(n) is not None for b in batches)
         }
         parts.append(
@@ -289,24 +294,31 @@ def _generate(run_dir: Path, report: dict) -> list[str]:
                 _plot_lines(series, "batch", "mean per batch"), "Quality per batch over the run"
             )
         )
-    for n in names:
-        values = [r[n] for r in index if r.get(n) is not None]
-        parts.append(_figure(_plot_hist({"": values}, n), f"Distribution of {n} per image"))
+    for n, column in values.items():
+        parts.append(_figure(_plot_hist({"": column}, n), f"Distribution of {n} per image"))
     parts += _generate_grids(run_dir, report, index)
     parts.append(_rejects(shards.read_rejects(run_dir)))
     return parts
 
 
-def _generate_grids(run_dir: Path, report: dict, index: list[dict]) -> list[str]:
-    if not index:
+def _generate_grids(run_dir: Path, report: dict, index: pa.Table) -> list[str]:
+    if not len(index):
         return []
-    rank_by = "ssim" if any("ssim" in r for r in index) else "structure"
-    ranked = sorted(index, key=lambda r: r.get(rank_by) or 0.0)
-    chosen = {
-        "worst": ranked[:GRID_ROWS],
-        "best": ranked[::-1][:GRID_ROWS],
-        "random": random.Random(0).sample(ranked, min(GRID_ROWS, len(ranked))),
+    rank_by = (
+        "ssim"
+        if "ssim" in index.column_names and index["ssim"].null_count < len(index)
+        else "structure"
+    )
+    scores = pc.fill_null(index[rank_by], 0.0)
+    order = {
+        "worst": pc.select_k_unstable(pa.table({"s": scores}), GRID_ROWS, [("s", "ascending")]),
+        "best": pc.select_k_unstable(pa.table({"s": scores}), GRID_ROWS, [("s", "descending")]),
     }
+    chosen = {
+        title: _sorted_rows(index, rows, rank_by, title == "best") for title, rows in order.items()
+    }
+    picks = random.Random(0).sample(range(len(index)), min(GRID_ROWS, len(index)))
+    chosen["random"] = index.take(picks).to_pylist()
     parts = [
         f"<h2>Sample grids (RGB | generated TIR | real TIR when there is one), "
         f"worst and best by {rank_by}</h2>"
@@ -318,9 +330,16 @@ def _generate_grids(run_dir: Path, report: dict, index: list[dict]) -> list[str]
     )
     for title, rows in chosen.items():
         path = write_image_grid([cells[r["key"]] for r in rows], run_dir / "grids" / f"{title}.png")
-        caption = f"{title}: " + ", ".join(f"{r['key']} ({r.get(rank_by, 0):.3f})" for r in rows)
+        caption = f"{title}: " + ", ".join(f"{r['key']} ({r.get(rank_by) or 0:.3f})" for r in rows)
         parts.append(_figure(_data_uri(path.read_bytes()), caption))
     return parts
+
+
+def _sorted_rows(
+    index: pa.Table, positions: pa.Array, rank_by: str, descending: bool
+) -> list[dict]:
+    rows = index.take(positions).to_pylist()
+    return sorted(rows, key=lambda r: r.get(rank_by) or 0.0, reverse=descending)
 
 
 def _grid_cells(run_dir: Path, input_root: Path, rows: list[dict]) -> dict[str, list]:
@@ -347,13 +366,10 @@ def _grid_cells(run_dir: Path, input_root: Path, rows: list[dict]) -> dict[str, 
 
 
 def _members(root: Path, wanted: set[tuple[str, str]]) -> dict[str, dict]:
-    """The samples (shard, key) in `wanted`, by key, reading each shard once."""
+    """The samples (shard, key) in `wanted`, by key, reading only their members."""
     found = {}
     for shard in sorted({shard for shard, _ in wanted}):
-        keys = {key for s, key in wanted if s == shard}
-        found.update(
-            {s["__key__"]: s for s in shards.read_shard(root / shard) if s["__key__"] in keys}
-        )
+        found.update(shards.read_samples(root / shard, {key for s, key in wanted if s == shard}))
     return found
 
 
@@ -516,7 +532,7 @@ def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
 def _plot_hist(series: dict[str, list[float]], xlabel: str):
     fig, ax = _axes()
     for name, values in series.items():
-        if values:
+        if len(values):
             ax.hist(values, bins=min(40, max(5, len(values) // 2)), alpha=0.7, label=name or None)
     ax.set(xlabel=xlabel, ylabel="images")
     return _png(fig)
@@ -569,10 +585,10 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _stats(values: list[float]) -> tuple:
+def _stats(values) -> tuple:
     return (
         (float(np.mean(values)), float(np.min(values)), float(np.max(values)))
-        if values
+        if len(values)
         else (None,) * 3
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -143,6 +144,19 @@ def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
         yield from group_by_keys(files)
 
 
+def read_samples(path: str | Path, keys: set[str]) -> dict[str, dict[str, Any]]:
+    """The samples of `keys` in one shard, reading only their members' bytes: the tar's
+    headers say where each member lies, and the others are skipped, not read."""
+    found: dict[str, dict[str, Any]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key, _, suffix = member.name.partition(".")
+            if member.isfile() and key in keys:
+                sample = found.setdefault(key, {"__key__": key})
+                sample[suffix] = tar.extractfile(member).read()
+    return found
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """RGB member bytes -> (H, W, 3) uint8."""
     with Image.open(io.BytesIO(data)) as image:
@@ -173,7 +187,10 @@ def rejects_by_reason(rejects: list[dict[str, Any]]) -> Counter:
 
 
 def write_table(
-    path: Path, rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema | None = None
+    path: Path,
+    rows: list[dict[str, Any]] | pa.Table,
+    schema: pa.Schema | None = None,
+    row_group_size: int | None = None,
 ) -> None:
     """Write a Parquet table atomically; rows become columns named by the union of their
     keys (metadata columns may differ between datasets), typed by `schema` where it names
@@ -187,7 +204,7 @@ def write_table(
     # Serialised in memory, then one write: pyarrow writing to a Python file object calls
     # back into Python for every chunk (a third slower for an index of a few hundred rows).
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_size)
     with atomic_output(path) as handle:
         handle.write(sink.getvalue())
 
@@ -224,14 +241,26 @@ def write_rejects(
 
 def read_table(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows of a table: a folder of fragments, or a single Parquet file (older runs)."""
+    return read_arrow(path, columns).to_pylist()
+
+
+def read_arrow(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A table (folder of fragments, or one Parquet file) as Arrow columns: a tenth of the
+    memory of its rows as Python dicts, for what reads a whole corpus's index."""
     if path.is_dir():
         parts = [_read_parquet(p, columns) for p in fragments(path)]
-        if not parts:
-            return []
-        return pa.concat_tables(parts, promote_options="permissive").to_pylist()
+        if parts:
+            return pa.concat_tables(parts, promote_options="permissive")
+        return _empty_table(columns or [])
     if not path.exists():
-        return []
-    return _read_parquet(path, columns).to_pylist()
+        return _empty_table(columns or [])
+    return _read_parquet(path, columns)
+
+
+def _empty_table(columns: list[str]) -> pa.Table:
+    # Not pa.array([]) or Schema.empty_table(): those ask pyarrow's pandas shim, which
+    # imports pandas (see `tables`).
+    return pa.Table.from_batches([], pa.schema([(name, pa.string()) for name in columns]))
 
 
 def fragments(table: Path) -> list[Path]:
@@ -268,13 +297,22 @@ def write_json(path: Path, value: Any) -> None:
 
 
 COUNTED = ("shard", "split", "dataset", "daynight")  # the index columns counts need
+VALUE_ROWS_BATCH = 1 << 16
+
+
+def value_rows(table: pa.Table, names: list[str]) -> Iterator[tuple]:
+    """The values of columns `names`, row by row as tuples, converted a batch at a time (so
+    that a large table is never all Python objects at once). Not pyarrow.compute: its first
+    call imports pandas (see `tables`), which ingest and info do without."""
+    for batch in table.select(names).to_batches(max_chunksize=VALUE_ROWS_BATCH):
+        yield from zip(*(batch.column(name).to_pylist() for name in names), strict=True)
 
 
 def summarize(root: str | Path) -> dict[str, Any]:
     """Counts of a pair-shard folder: by split, dataset and day/night; rejects by reason."""
     status = (read_manifest(root) or {}).get("status", "unknown")
     counts = PairCounts()
-    counts.add(read_index(root, list(COUNTED)))
+    counts.add_table(read_arrow(Path(root) / INDEX, list(COUNTED)))
     return count_pairs(root, counts, read_rejects(root), status)
 
 
@@ -290,6 +328,14 @@ class PairCounts:
         for row in rows:
             self.groups[row["split"], row["dataset"], row["daynight"]] += 1
             self.shards.add(row["shard"])
+
+    def add_table(self, index: pa.Table) -> None:
+        """An index read as Arrow (see `read_arrow`), counted without making rows of it."""
+        if not len(index):
+            return
+        for split, dataset, daynight, shard in value_rows(index, list(COUNTED[1:]) + ["shard"]):
+            self.groups[split, dataset, daynight] += 1
+            self.shards.add(shard)
 
     @property
     def pairs(self) -> int:
@@ -340,7 +386,8 @@ def prepare_output(
         extra_files: other file names this stage writes in `out`.
 
     Returns:
-        The index rows whose shards are intact (empty for a new or replaced folder).
+        The index, as Arrow, of the shards that are intact (empty for a new or replaced
+        folder).
     """
 
     def is_ours(path: Path) -> bool:
@@ -369,15 +416,22 @@ def prepare_output(
             )
         for path in ours:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return []
+        return _empty_table(["key"])
     for table in (INDEX, REJECTS):
         _split_into_fragments(out, table)
-    index = read_index(out)
-    intact = {r["shard"] for r in index if file_size(out / r["shard"]) == r["shard_bytes"]}
-    for shard in {r["shard"] for r in index} - intact:
-        # A system crash can leave a renamed but unflushed shard: redo its samples.
-        (out / INDEX / f"{Path(shard).stem}.parquet").unlink()
-    index = [r for r in index if r["shard"] in intact]
+    index = read_arrow(out / INDEX)
+    if not len(index):
+        index = _empty_table(["key"])
+    intact, broken = set(), set()
+    shard_sizes = set(value_rows(index, ["shard", "shard_bytes"])) if len(index) else set()
+    for shard, size in shard_sizes:
+        if file_size(out / shard) == size:
+            intact.add(shard)
+        elif shard not in broken:  # a system crash can leave a renamed but unflushed shard
+            broken.add(shard)
+            (out / INDEX / f"{Path(shard).stem}.parquet").unlink()  # its samples are redone
+    if broken:
+        index = index.filter(pc.is_in(index["shard"], pa.array(sorted(intact), pa.string())))
     for table in (INDEX, REJECTS):
         for path in (out / table).glob(".*.tmp") if (out / table).is_dir() else ():
             path.unlink()
