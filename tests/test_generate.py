@@ -456,6 +456,9 @@ def test_cpu_batch_model_batch_and_concurrency_are_separate_knobs(
     keys = sorted(row["key"] for row in shards.read_index(tmp_path / "out"))
     assert result.generated == 7 and keys == [f"im{i}" for i in range(7)]
     assert not (tmp_path / "out" / generate.LISTING).exists()  # the run's listing is gone
+    # The pipeline ran under a budget that binds, so shards were committed all along.
+    limits = ray_session.data.DataContext.get_current().execution_options.resource_limits
+    assert limits.object_store_memory == generate.streaming_budget(2, 3, 32)
     with pytest.raises(ValueError, match="cpu_batch"):
         GenerateConfig(input="x", cpu_batch=0)
 
@@ -469,3 +472,9 @@ def test_run_totals_of_an_earlier_index_equal_its_rows_sums():
     assert totals.outputs == 2
     assert totals.sums["ssim"] == sums["ssim_sum"] and totals.counts["ssim"] == 1
     assert totals.means()["structure"] == 0.5
+
+
+def test_streaming_budget_is_a_few_batches_per_cpu_and_stage():
+    batch = 32 * 256 * 256 * 3 * 2
+    assert generate.streaming_budget(16, 32, 256) == 4 * 2 * 16 * batch
+    assert generate.streaming_budget(2, 32, 32) == generate.MIN_STREAMING_BUDGET

@@ -64,6 +64,8 @@ RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it aga
 CPU_BATCH, GPU_BATCH = 8, 64  # default images per model call without and with a GPU
 PREPROCESS_COPIES = 4  # an image's bytes a decoding task holds, in model-side squares
 WORKER_BYTES = 512 << 20  # a Ray worker process with our imports, before any data
+STAGES, BATCHES_IN_FLIGHT = 4, 2  # of the pipeline; see `streaming_budget`
+MIN_STREAMING_BUDGET = 32 << 20
 # Input columns each stage hands on untouched, for the worker that writes the shard.
 PASSED_THROUGH = ("relpath", "labels", "source", "input_path")
 
@@ -515,6 +517,15 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images, not blocks
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        # Ray Data runs first the stage that holds the least object store memory, and
+        # reading and decoding hold little: with the whole object store as its budget it
+        # would decode the entire corpus before the shard writer got a CPU, and commit
+        # nothing until then. A budget of a few batches per CPU and stage keeps it
+        # streaming (a stage over its share waits), so shards are committed all along.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        context.execution_options.resource_limits = ray.data.ExecutionResources(
+            object_store_memory=streaming_budget(cpus, cfg.cpu_batch, size)
+        )
         replicas = cfg.workers or max(gpus, 1)
         model_batch = cfg.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
         # Ray gives each actor one thread per CPU it reserves. On the CPU the model is the
@@ -595,6 +606,14 @@ def preprocess_group(batch: dict[str, np.ndarray], listing: str, file_groups: in
     rows = read_listing_group(listing, file_groups, int(batch["id"][0]))
     columns = {name: np.array(values, dtype=object) for name, values in rows.items()}
     return preprocess_batch(columns, **options)
+
+
+def streaming_budget(cpus: int, cpu_batch: int, size: int) -> int:
+    """Bytes of object store that the pipeline's blocks may hold at once: BATCHES_IN_FLIGHT
+    CPU batches per CPU per stage, a batch's images counted as model-side squares (RGB in,
+    TIR out, with their encoded bytes alongside), at least MIN_STREAMING_BUDGET."""
+    batch_bytes = cpu_batch * size * size * 3 * 2
+    return max(MIN_STREAMING_BUDGET, STAGES * BATCHES_IN_FLIGHT * cpus * batch_bytes)
 
 
 def _threads_per_replica(nodes: list[dict], replicas: int) -> int:
