@@ -478,3 +478,18 @@ def test_streaming_budget_is_a_few_batches_per_cpu_and_stage():
     batch = 32 * 256 * 256 * 3 * 2
     assert generate.streaming_budget(16, 32, 256) == 4 * 2 * 16 * batch
     assert generate.streaming_budget(2, 32, 32) == generate.MIN_STREAMING_BUDGET
+
+
+def test_run_totals_series_stays_bounded_with_equal_points():
+    """100,000 shards (a 200,000-image run at 2 a shard): at most MAX_POINTS points, each
+    but the last covering the same number of shards, and a steady rate that is the run's."""
+    totals = generate.RunTotals()
+    summary = {"images": 2, "rejected": 0, "reasons": "{}"}
+    summary |= {f"{f}_{k}": 0 for f in generate.metrics.QUALITY_FIELDS for k in ("sum", "count")}
+    for shard in range(100_000):
+        totals.add_shard(summary, seconds=shard / 50)  # 100 images/s
+    series = totals.series()
+    assert len(series) <= generate.RunTotals.MAX_POINTS
+    assert sum(point["images"] for point in series) == 200_000
+    assert len({point["shards"] for point in series[:-1]}) == 1
+    assert generate._steady_rate(series) == pytest.approx(100, rel=0.01)

@@ -1,11 +1,13 @@
 """RGB corpus in; TIR shards, index.parquet, rejects.parquet, COCO json and report.json out.
 
-A Ray Data pipeline, streaming so memory stays bounded: decode and fit each image to the
-model's square as CPU tasks, translate in an actor pool (one replica per GPU when there
-are GPUs), then map back to the input's size, encode and score as CPU tasks. The workers
-write finished samples to shards themselves, each shard committed by its own fragment of
-index.parquet (a folder of fragments, so a commit costs the same at any corpus size); the
-driver only counts. A killed run resumes by skipping the keys already in the index.
+A Ray Data pipeline, streaming so memory stays bounded. The corpus is listed once into
+Parquet row groups (`corpus.write_listing`), each read by the task that decodes it; decode
+and fit each image to the model's square as CPU tasks, translate in an actor pool (one
+replica per GPU when there are GPUs), then map back to the input's size, encode and score
+as CPU tasks. The workers write finished samples to shards themselves, each shard
+committed by its own fragment of index.parquet (a folder of fragments, so a commit costs
+the same at any corpus size); the driver only counts. A killed run resumes by skipping
+the keys already in the index.
 
 Size handling: an image is scaled to fit the model's S x S square (S: the checkpoint's
 training crop, 256 for the paper) keeping its aspect ratio, padded by reflection to the
@@ -390,8 +392,10 @@ def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]
 
 class RunTotals:
     """What the driver keeps of a run: counts, running sums of each quality metric, and a
-    series of per-shard means for the report's plot that never grows past MAX_POINTS
-    (neighbouring points merge when it would), so memory is flat in the corpus."""
+    series of means over runs of `width` consecutive shards for the report's plot. When the
+    series would pass MAX_POINTS, neighbouring points merge and `width` doubles, so every
+    point but the last covers the same number of shards and memory is flat in the
+    corpus."""
 
     MAX_POINTS = 512
 
@@ -400,7 +404,8 @@ class RunTotals:
         self.sums: dict[str, float] = dict.fromkeys(metrics.QUALITY_FIELDS, 0.0)
         self.counts: dict[str, int] = dict.fromkeys(metrics.QUALITY_FIELDS, 0)
         self.reasons: Counter = Counter()
-        self.points: list[dict[str, Any]] = []  # images, rejected, seconds, sums, counts
+        self.points: list[dict[str, Any]] = []  # shards, images, rejected, seconds, sums...
+        self.width = 1  # shards a point covers
 
     def add_table(self, index: pa.Table) -> None:
         """The index (as Arrow) that an earlier run wrote into this folder."""
@@ -416,15 +421,19 @@ class RunTotals:
         self.added += images
         self.rejected += rejected
         self.reasons.update(json.loads(summary["reasons"]))
-        point = {"images": images, "rejected": rejected, "seconds": seconds}
+        point = {"shards": 1, "images": images, "rejected": rejected, "seconds": seconds}
         for field in metrics.QUALITY_FIELDS:
             total, count = float(summary[f"{field}_sum"]), int(summary[f"{field}_count"])
             self.sums[field] += total
             self.counts[field] += count
             point[f"{field}_sum"], point[f"{field}_count"] = total, count
-        self.points.append(point)
+        if self.points and self.points[-1]["shards"] < self.width:
+            self.points[-1] = _merge(self.points[-1], point)
+        else:
+            self.points.append(point)
         if len(self.points) > self.MAX_POINTS:
             self.points = [_merge(*self.points[i : i + 2]) for i in range(0, len(self.points), 2)]
+            self.width *= 2
 
     def means(self) -> dict[str, float]:
         return {f: self.sums[f] / self.counts[f] for f in self.sums if self.counts[f]}
@@ -433,7 +442,7 @@ class RunTotals:
         """The report's per-batch records: the images in each point and their mean metrics."""
         records = []
         for number, point in enumerate(self.points):
-            record = {k: point[k] for k in ("images", "rejected", "seconds")}
+            record = {k: point[k] for k in ("shards", "images", "rejected", "seconds")}
             record["batch"] = number
             for field in metrics.QUALITY_FIELDS:
                 if point[f"{field}_count"]:
