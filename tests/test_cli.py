@@ -202,6 +202,7 @@ def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_sessi
     )
     assert bench.exit_code == 0, bench.output
     assert "ratio to bare forward" in bench.output and "peak memory" in bench.output
+    assert "generate, cold" in bench.output and "generate, warm" in bench.output
 
 
 def test_evaluate_command(tmp_path, learnable_shards, tiny_checkpoint):
