@@ -116,18 +116,8 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
                 fragment.unlink()
         totals = RunTotals()
         totals.add_table(index)
-        generated = index["key"].combine_chunks()
-        del index  # the totals and the keys are all this run needs of it
-        rejected = shards.read_arrow(out / shards.REJECTS, ["key"])["key"]
-        done = pa.chunked_array([generated, *rejected.chunks], pa.string()).combine_chunks()
-        # Absolute: Ray workers do not share this process's working directory.
-        listing = write_listing(corpus, (out / LISTING).resolve(), done, cfg.cpu_batch)
-        # What the listing rejects (not an image, a missing file) is found again each run.
-        keys = pa.array([r["key"] for r in listing.rejects], pa.string())
-        stored = pc.is_in(keys, generated).to_pylist()
-        shards.write_rejects(
-            out, [r for r, s in zip(listing.rejects, stored, strict=True) if not s], REJECT_COLUMNS
-        )
+        listing = _list_pending(out, corpus, index["key"].combine_chunks(), cfg.cpu_batch)
+        del index  # the totals and the listing are all this run needs of it
         manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
         manifest["output_options"] = options  # what a resume must agree on
         shards.write_json(out / shards.MANIFEST, manifest)
@@ -147,6 +137,20 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         write_report(out)
         shards.write_json(out / shards.MANIFEST, {**manifest, "status": "complete"})
     return GenerateResult(out, checkpoint, totals.added, totals.outputs, rejects, report)
+
+
+def _list_pending(out: Path, corpus: Corpus, generated: pa.Array, cpu_batch: int) -> Listing:
+    """The listing of the images neither generated nor rejected yet; the listing's own
+    rejects (not an image, a missing file), found again each run, written as before."""
+    rejected = shards.read_arrow(out / shards.REJECTS, ["key"])["key"]
+    done = pa.chunked_array([generated, *rejected.chunks], pa.string()).combine_chunks()
+    # Absolute: Ray workers do not share this process's working directory.
+    listing = write_listing(corpus, (out / LISTING).resolve(), done, cpu_batch)
+    keys = pa.array([r["key"] for r in listing.rejects], pa.string())
+    stored = pc.is_in(keys, generated).to_pylist()
+    unstored = [r for r, s in zip(listing.rejects, stored, strict=True) if not s]
+    shards.write_rejects(out, unstored, REJECT_COLUMNS)
+    return listing
 
 
 def preprocess_batch(
