@@ -55,9 +55,6 @@ class Corpus:
         colliding = {key for key, n in Counter(i.key for i in found).items() if n > 1}
         return [unique_key(image, colliding) for image in found]
 
-    def rejects(self) -> list[Reject]:
-        return [e for e in self.entries() if not isinstance(e, InputImage)]
-
 
 def discover_corpus(source: str | Path, kind: CorpusKind = "auto", split: str | None = None):
     """List the images of `source`.

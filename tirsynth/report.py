@@ -309,10 +309,10 @@ def _generate_grids(run_dir: Path, report: dict, index: pa.Table) -> list[str]:
         if "ssim" in index.column_names and index["ssim"].null_count < len(index)
         else "structure"
     )
-    scores = pc.fill_null(index[rank_by], 0.0)
+    scores = pa.table({"s": pc.fill_null(index[rank_by], 0.0)})
     order = {
-        "worst": pc.select_k_unstable(pa.table({"s": scores}), GRID_ROWS, [("s", "ascending")]),
-        "best": pc.select_k_unstable(pa.table({"s": scores}), GRID_ROWS, [("s", "descending")]),
+        "worst": pc.select_k_unstable(scores, GRID_ROWS, [("s", "ascending")]),
+        "best": pc.select_k_unstable(scores, GRID_ROWS, [("s", "descending")]),
     }
     chosen = {
         title: _sorted_rows(index, rows, rank_by, title == "best") for title, rows in order.items()

@@ -18,7 +18,7 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,11 +300,11 @@ COUNTED = ("shard", "split", "dataset", "daynight")  # the index columns counts 
 VALUE_ROWS_BATCH = 1 << 16
 
 
-def value_rows(table: pa.Table, names: list[str]) -> Iterator[tuple]:
+def value_rows(table: pa.Table, names: Sequence[str]) -> Iterator[tuple]:
     """The values of columns `names`, row by row as tuples, converted a batch at a time (so
     that a large table is never all Python objects at once). Not pyarrow.compute: its first
     call imports pandas (see `tables`), which ingest and info do without."""
-    for batch in table.select(names).to_batches(max_chunksize=VALUE_ROWS_BATCH):
+    for batch in table.select(list(names)).to_batches(max_chunksize=VALUE_ROWS_BATCH):
         yield from zip(*(batch.column(name).to_pylist() for name in names), strict=True)
 
 
@@ -330,12 +330,9 @@ class PairCounts:
             self.shards.add(row["shard"])
 
     def add_table(self, index: pa.Table) -> None:
-        """An index read as Arrow (see `read_arrow`), counted without making rows of it."""
-        if not len(index):
-            return
-        for split, dataset, daynight, shard in value_rows(index, list(COUNTED[1:]) + ["shard"]):
-            self.groups[split, dataset, daynight] += 1
-            self.shards.add(shard)
+        """An index read as Arrow (see `read_arrow`), a batch of rows at a time."""
+        if len(index):
+            self.add(dict(zip(COUNTED, row, strict=True)) for row in value_rows(index, COUNTED))
 
     @property
     def pairs(self) -> int:
