@@ -140,9 +140,18 @@ def learnable_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (2 CPUs, a small object store)."""
+    """One local Ray instance for the whole test session (2 CPUs, a small object store).
+
+    Ray refuses to spill to disk here, as it does for real when the disk is 95% full: a
+    test that needs more than the object store fails on every machine, not only on a full one.
+    """
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        _system_config={"local_fs_capacity_threshold": 0},
+    )
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@ from conftest import smooth_rgb
 from PIL import Image
 
 from tirsynth import export, generate, inference, shards
+from tirsynth.checkpoint import load_checkpoint, weights_bytes
 from tirsynth.config import GenerateConfig
 from tirsynth.corpus import discover_corpus
 from tirsynth.losses import gradient_map
@@ -410,6 +411,14 @@ def test_translator_loads_a_checkpoint_shipped_as_bytes(tiny_checkpoint):
         {"pixels": pixels}
     )["tir"]
     assert np.array_equal(by_path, shipped)
+
+    # What generate ships: the generator's weights alone, at full precision, the same model.
+    weights = weights_bytes(load_checkpoint(tiny_checkpoint), torch.float32)
+    assert len(weights) < tiny_checkpoint.stat().st_size / 3
+    from_weights = inference.Translator("moved.safetensors", "fp32", shipped=weights)(
+        {"pixels": pixels}
+    )["tir"]
+    assert np.array_equal(by_path, from_weights)
 
 
 def test_generate_across_a_two_node_cluster(tmp_path, tiny_checkpoint):

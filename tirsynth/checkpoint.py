@@ -37,11 +37,20 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def save_weights(state: dict[str, Any], path: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `weights_bytes(state, dtype)` to `path` atomically; `load_checkpoint` reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as handle:
+        handle.write(weights_bytes(state, dtype))
+    return path
+
+
+def weights_bytes(state: dict[str, Any], dtype: torch.dtype = torch.float16) -> bytes:
     """A checkpoint's generator (its average, when training kept one) as safetensors.
 
-    Only what inference needs: the weights (floating ones in `dtype`, which halves the
-    file at float16), the config to rebuild the model, and the real-TIR statistics that
-    generation reports compare against. `load_checkpoint` reads it back.
+    Only what inference needs: the weights (floating ones in `dtype`, which halves them at
+    float16), the config to rebuild the model, and the real-TIR statistics that generation
+    reports compare against. A training checkpoint is several times larger: it also holds
+    the discriminator and both optimizers' moments.
     """
     from safetensors.torch import save
 
@@ -63,10 +72,7 @@ def save_weights(state: dict[str, Any], path: Path, dtype: torch.dtype = torch.f
         "epoch": str(state.get("epoch", 0)),
         "tir_stats_images": str(int(stats.get("images", 0))),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as handle:
-        handle.write(save(tensors, metadata))
-    return path
+    return save(tensors, metadata)
 
 
 def _load_weights(path: Path) -> dict[str, Any]:

@@ -40,8 +40,10 @@ from tqdm import tqdm
 
 from tirsynth import __version__, cluster, images, inference, metrics, shards
 from tirsynth.checkpoint import (
+    WEIGHTS_SUFFIX,
     checkpoint_config,
     load_checkpoint,
+    weights_bytes,
 )
 from tirsynth.config import GenerateConfig, to_dict
 from tirsynth.corpus import (
@@ -545,9 +547,10 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
         # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU
         # (leaving the rest to decoding and scoring) but runs on its share of its node's.
         threads = 0 if gpus else _threads_per_replica(ray.nodes(), replicas)
-        # The checkpoint travels to the actors through the object store: on a cluster the
-        # path exists only on this machine.
-        shipped = ray.put(checkpoint.read_bytes())
+        # The generator travels to the actors through the object store: on a cluster the
+        # checkpoint's path exists only on this machine. Its weights alone, at full
+        # precision: the training state around them would take several times the room.
+        shipped = ray.put(weights_bytes(state, torch.float32))
         cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
         stats = state["tir_stats"]
         groups = listing.groups
@@ -578,7 +581,7 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
                 inference.Translator,
                 batch_size=model_batch,
                 fn_constructor_kwargs={
-                    "checkpoint": checkpoint.name,
+                    "checkpoint": checkpoint.with_suffix(WEIGHTS_SUFFIX).name,
                     "precision": cfg.precision,
                     "threads": threads,
                     "shipped": shipped,
