@@ -39,7 +39,21 @@ def test_ssim_and_psnr_match_scikit_image(make):
         assert abs(ours_psnr[i].item() - peak_signal_noise_ratio(a[i], b[i], data_range=255)) < 1e-4
 
 
-@pytest.mark.parametrize("make", [random_pairs, real_pair], ids=["random", "real"])
+def few_levels(shape):
+    """Images of 0..2 only: ties everywhere, so a sample's last bit decides its code."""
+    return np.random.default_rng(1).integers(0, 3, shape).astype(np.uint8), None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        random_pairs,
+        real_pair,
+        lambda: few_levels((2, 2500, 9)),  # rows far from 0, where positions lose bits
+        lambda: few_levels((1, 7, 3000)),
+    ],
+    ids=["random", "real", "tall", "wide"],
+)
 def test_lbp_codes_equal_scikit_image(make):
     images, _ = make()
     ours = metrics.lbp(torch.from_numpy(images)).numpy()

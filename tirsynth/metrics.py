@@ -87,17 +87,21 @@ def lbp(images: torch.Tensor, points: int = 8, radius: float = 1.0) -> torch.Ten
     row_offsets = torch.round(-radius * torch.sin(angles), decimals=5).tolist()
     col_offsets = torch.round(radius * torch.cos(angles), decimals=5).tolist()
     codes = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
+
+    def shifted(rows_by: int, cols_by: int) -> torch.Tensor:  # (B, H, W), a view
+        top, left = pad + rows_by, pad + cols_by
+        return padded[:, top : top + height, left : left + width]
+
     for bit, (dr_offset, dc_offset) in enumerate(zip(row_offsets, col_offsets, strict=True)):
+        # A sample's four neighbours sit at the same whole-pixel shift for every pixel, so
+        # they are slices; its weights come from each pixel's own floating-point position,
+        # as in scikit-image, where they differ in the last bits from row to row.
         r, c = rows + dr_offset, cols + dc_offset  # (H, 1), (1, W)
-        r0, c0 = torch.floor(r), torch.floor(c)
-        dr, dc = r - r0, c - c0
-
-        def at(rr, cc):
-            return padded[:, rr.long() + pad, cc.long() + pad]  # (B, H, W) by broadcasting
-
-        r1, c1 = torch.ceil(r), torch.ceil(c)
-        top = (1 - dc) * at(r0, c0) + dc * at(r0, c1)
-        bottom = (1 - dc) * at(r1, c0) + dc * at(r1, c1)
+        dr, dc = r - torch.floor(r), c - torch.floor(c)
+        r0, c0 = math.floor(dr_offset), math.floor(dc_offset)
+        r1, c1 = math.ceil(dr_offset), math.ceil(dc_offset)
+        top = (1 - dc) * shifted(r0, c0) + dc * shifted(r0, c1)
+        bottom = (1 - dc) * shifted(r1, c0) + dc * shifted(r1, c1)
         texture = (1 - dr) * top + dr * bottom
         codes += (texture - image >= 0).long() << bit
     return codes
