@@ -32,6 +32,21 @@ def test_weights_round_trip_without_pickle(tiny_checkpoint, tmp_path):
         assert (original(rgb) - shipped(rgb)).abs().max() < 1e-2  # float16 weights
 
 
+def test_weights_of_a_checkpoint_whose_tensors_share_memory(tmp_path):
+    # torch.save keeps tensors that were one tensor as one: safetensors would refuse them.
+    flat = torch.full((256,), 1 / 256, dtype=torch.float64)
+    config = {"model": {"depth": 3, "ngf": 4, "skips": [1]}}
+    state = {"config": config, "generator": {"w": torch.ones(3)}}
+    state["tir_stats"] = {"intensity_hist": flat, "lbp_hist": flat, "images": 0}
+    path = checkpoint.save_checkpoint(tmp_path / "shared.pt", state)
+    weights = checkpoint.weights_bytes(load_checkpoint(path), torch.float32)
+    shipped = tmp_path / "shared.safetensors"
+    shipped.write_bytes(weights)
+    loaded = load_checkpoint(shipped)
+    assert torch.equal(loaded["tir_stats"]["lbp_hist"], flat)
+    assert torch.equal(loaded["generator"]["w"], torch.ones(3))
+
+
 def test_a_file_that_is_not_tirsynth_weights_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -131,6 +131,18 @@ def test_user_errors_are_clean_messages(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_bench_generate_scale_limit_runs_the_pipeline_stages_in_one_process(tmp_path):
+    from tirsynth import bench
+
+    source = bench._small_image_corpus(tmp_path / "in", 10)
+    checkpoint = bench._random_checkpoint(tmp_path, "tiny.yaml")
+    images, seconds = bench._same_work_in_one_process(
+        source, checkpoint, tmp_path / "work", 7, 2, 4
+    )
+    assert images == 8 and seconds > 0  # two CPU batches of 4, each written in shards of 2
+    assert not (tmp_path / "work").exists()
+
+
 def test_bench_train_prints_sparse_and_dense_side_by_side():
     result = CliRunner().invoke(
         cli,

@@ -294,8 +294,10 @@ def bench_generate_scale(
     driver's peak RSS of each, and their ratios (flat is the aim: cost linear in the
     corpus, driver memory bounded). A tiny random model and 32x24 images, so that the
     pipeline, not the model, is measured; small shards, so that per-shard costs show.
-    Each size runs in its own process (the driver's peak RSS is its own). The floor is
-    decoding each input and encoding an output of its size in one process, nothing else.
+    Each size runs in its own process (the driver's peak RSS is its own). Its limit: the
+    same stages called one after another in one process on one core, times the cores.
+    Also the issue's first floor, decoding each input and encoding an output of its size,
+    which leaves out scoring, most of the work on small images.
     With `factor` 1, one size only.
     """
     import subprocess
@@ -308,6 +310,11 @@ def bench_generate_scale(
         for count in (images, images * factor) if factor > 1 else (images,):
             source = _small_image_corpus(scratch / f"in-{count}", count)
             floor = _decode_encode_images_per_s(source, min(count, 2000))
+            done, done_seconds = _same_work_in_one_process(
+                source, checkpoint, scratch / "same-work", min(count, 2000), shard_size,
+                cpu_batch,
+            )  # fmt: skip
+            one_core = done / done_seconds
             out = scratch / f"out-{count}"
             command = [
                 sys.executable, "-m", "tirsynth.cli", "generate", "--input", str(source),
@@ -315,17 +322,22 @@ def bench_generate_scale(
                 str(batch_size), "--cpu-batch", str(cpu_batch), "--shard-size",
                 str(shard_size), "--precision", "fp32",
             ]  # fmt: skip
-            subprocess.run(command, check=True, capture_output=True)
+            finished = subprocess.run(command, capture_output=True, text=True)
+            if finished.returncode:
+                raise RuntimeError(f"generate failed:\n{finished.stderr[-3000:]}")
             report = json.loads((out / "report.json").read_text())
             seconds, rss = report["pipeline_seconds"], report["driver_peak_rss_bytes"]
             results[count] = (seconds / report["generated_this_run"], rss)
             outputs = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
             rate = report["generated_this_run"] / seconds
+            cores = os.cpu_count() or 1
             yield (
                 f"{count} images: {rate:.0f} images/s ({1000 * seconds / count:.2f} ms per "
                 f"image, {seconds:.1f} s after Ray started), driver peak RSS "
-                f"{rss / 2**20:.0f} MiB, output {outputs / 2**20:.1f} MiB; floor (decode + "
-                f"encode, one process) {floor:.0f} images/s, ratio {rate / floor:.2f}"
+                f"{rss / 2**20:.0f} MiB, output {outputs / 2**20:.1f} MiB; the same stages "
+                f"in one process on one core {one_core:.0f} images/s, ratio to {cores} "
+                f"cores of it {rate / (cores * one_core):.2f}; floor (decode + encode only) "
+                f"{floor:.0f} images/s, ratio {rate / floor:.2f}"
             )
             shutil.rmtree(out)
             shutil.rmtree(source)
@@ -339,6 +351,50 @@ def bench_generate_scale(
             f"shards of {shard_size}, {cpu_batch} images per CPU task, {batch_size} per model "
             f"call; {os.cpu_count()} cores"
         )
+
+
+def _same_work_in_one_process(
+    source: Path, checkpoint: Path, scratch: Path, limit: int, shard_size: int, cpu_batch: int
+) -> tuple[int, float]:
+    """(images, seconds) of generate's own stages, given what the pipeline gives them,
+    called one after another in this process on one thread (as a Ray task runs), over
+    whole CPU batches of at least `limit` images: all the per-image work of the pipeline
+    without Ray. The model sees a CPU batch at a time."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from tirsynth import generate, inference
+    from tirsynth.checkpoint import checkpoint_config, load_checkpoint
+    from tirsynth.config import GenerateConfig
+    from tirsynth.corpus import discover_corpus, write_listing
+
+    cfg = GenerateConfig(
+        input=str(source), out=str(scratch / "out"), checkpoint=str(checkpoint),
+        cpu_batch=cpu_batch, shard_size=shard_size, precision="fp32",
+    )  # fmt: skip
+    state = load_checkpoint(checkpoint)
+    corpus = discover_corpus(cfg.input)
+    done = pa.array([], pa.string())
+    listing = write_listing(corpus, scratch / "listing", done, cpu_batch)
+    stages = generate.stage_options(
+        cfg, corpus, listing, checkpoint_config(state).data.image_size, state
+    )
+    Path(cfg.out).mkdir(parents=True)
+    threads = torch.get_num_threads()
+    translator = inference.Translator(cfg.checkpoint, threads=1, **stages.translate)
+    images = 0
+    start = time.perf_counter()
+    for group in range(min(listing.groups, math.ceil(limit / cpu_batch))):
+        batch = generate.preprocess_group({"id": np.array([group])}, **stages.preprocess)
+        batch = generate.postprocess_batch(translator(batch), **stages.postprocess)
+        for first in range(0, len(batch["key"]), shard_size):
+            shard = {name: column[first : first + shard_size] for name, column in batch.items()}
+            images += int(generate.write_shard_batch(shard, **stages.write)["images"][0])
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    shutil.rmtree(scratch)
+    return images, seconds
 
 
 def _decode_encode_images_per_s(source: Path, limit: int) -> float:

@@ -54,15 +54,26 @@ def weights_bytes(state: dict[str, Any], dtype: torch.dtype = torch.float16) -> 
     """
     from safetensors.torch import save
 
+    stored: set[int] = set()
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        # safetensors refuses tensors that share memory, as a loaded checkpoint's do where
+        # the saved ones did (two statistics that were one tensor, for instance).
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in stored:
+            tensor = tensor.clone()
+        stored.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
     weights = state.get("generator_ema", state["generator"])
     tensors = {
-        f"generator.{k}": (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        f"generator.{k}": own(v.to(dtype) if v.is_floating_point() else v)
         for k, v in weights.items()
     }
     stats = state["tir_stats"]
     for name, value in stats.items():
         if torch.is_tensor(value):
-            tensors[f"tir_stats.{name}"] = value.contiguous()
+            tensors[f"tir_stats.{name}"] = own(value)
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),

@@ -552,7 +552,7 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
         # precision: the training state around them would take several times the room.
         shipped = ray.put(weights_bytes(state, torch.float32))
         cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
-        stats = state["tir_stats"]
+        stages = stage_options(cfg, corpus, listing, size, state)
         groups = listing.groups
         dataset = (
             # One row per row group of the listing, which the first task reads itself: the
@@ -568,21 +568,14 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
                 # into the actor stage after it when their resources are equal, as they
                 # are without a GPU): decoding runs beside the model, not in turn with it.
                 memory=WORKER_BYTES + cfg.cpu_batch * size * size * 3 * PREPROCESS_COPIES,
-                fn_kwargs={
-                    "listing": str(listing.folder),
-                    "file_groups": listing.file_groups,
-                    "size": size,
-                    "root": str(corpus.root),
-                    "max_pixels": cfg.max_pixels,
-                    "keep_rgb": cfg.keep_rgb,
-                },
+                fn_kwargs=stages.preprocess,
             )
             .map_batches(
                 inference.Translator,
                 batch_size=model_batch,
                 fn_constructor_kwargs={
+                    **stages.translate,
                     "checkpoint": checkpoint.with_suffix(WEIGHTS_SUFFIX).name,
-                    "precision": cfg.precision,
                     "threads": threads,
                     "shipped": shipped,
                 },
@@ -593,17 +586,13 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
                 postprocess_batch,
                 batch_size=cfg.cpu_batch,
                 compute=cpu_tasks,
-                fn_kwargs={
-                    "intensity_hist": stats["intensity_hist"].tolist(),
-                    "lbp_hist": stats["lbp_hist"].tolist(),
-                    "min_structure": cfg.min_structure,
-                },
+                fn_kwargs=stages.postprocess,
             )
             .map_batches(
                 write_shard_batch,
                 batch_size=cfg.shard_size,
                 compute=cpu_tasks,
-                fn_kwargs={"out": str(out.resolve()), "input_kind": corpus.kind},
+                fn_kwargs=stages.write,
             )
         )
         bar = tqdm(
@@ -614,6 +603,40 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
             bar.update(int(summary["images"]) + int(summary["rejected"]))
         bar.close()
         return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The keyword arguments of each stage of the pipeline (the model's, less where its
+    weights come from and its threads, which depend on where it runs)."""
+
+    preprocess: dict[str, Any]  # of preprocess_group
+    translate: dict[str, Any]  # of inference.Translator
+    postprocess: dict[str, Any]  # of postprocess_batch
+    write: dict[str, Any]  # of write_shard_batch
+
+
+def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, size: int, state):
+    """What each stage is given, for the pipeline and for a run of the same stages in one
+    process (the limit that `bench generate-scale` compares the pipeline with)."""
+    stats = state["tir_stats"]
+    return StageOptions(
+        preprocess={
+            "listing": str(listing.folder),
+            "file_groups": listing.file_groups,
+            "size": size,
+            "root": str(corpus.root),
+            "max_pixels": cfg.max_pixels,
+            "keep_rgb": cfg.keep_rgb,
+        },
+        translate={"precision": cfg.precision},
+        postprocess={
+            "intensity_hist": stats["intensity_hist"].tolist(),
+            "lbp_hist": stats["lbp_hist"].tolist(),
+            "min_structure": cfg.min_structure,
+        },
+        write={"out": str(Path(cfg.out).resolve()), "input_kind": corpus.kind},
+    )
 
 
 def preprocess_group(batch: dict[str, np.ndarray], listing: str, file_groups: int, **options):
