@@ -453,7 +453,7 @@ finally:
 
 
 def test_cpu_batch_model_batch_and_concurrency_are_separate_knobs(
-    tmp_path, tiny_checkpoint, ray_session
+    tmp_path, tiny_checkpoint, ray_session, monkeypatch
 ):
     for i in range(7):
         write_image(tmp_path / "in" / f"im{i}.png", (40, 30), i)
@@ -461,9 +461,18 @@ def test_cpu_batch_model_batch_and_concurrency_are_separate_knobs(
         input=str(tmp_path / "in"), out=str(tmp_path / "out"), checkpoint=str(tiny_checkpoint),
         batch_size=2, cpu_batch=3, concurrency=1, shard_size=4,
     )  # fmt: skip
+    # A group of 3 images makes 3 + 2 + 1 blocks: two groups a window, the last one alone.
+    monkeypatch.setattr(generate, "WINDOW_BLOCKS", 13)
+    assert generate.window_groups(3, 2, 4) == 2
+    windows = []
+    original_range = ray_session.data.range
+    monkeypatch.setattr(
+        ray_session.data, "range", lambda n, **kw: windows.append(n) or original_range(n, **kw)
+    )
     result = generate.run(cfg, progress=False)
     keys = sorted(row["key"] for row in shards.read_index(tmp_path / "out"))
     assert result.generated == 7 and keys == [f"im{i}" for i in range(7)]
+    assert windows == [2, 1]  # every group once, over two pipelines
     assert not (tmp_path / "out" / generate.LISTING).exists()  # the run's listing is gone
     # The pipeline ran under a budget that binds, so shards were committed all along.
     limits = ray_session.data.DataContext.get_current().execution_options.resource_limits
@@ -481,6 +490,13 @@ def test_run_totals_of_an_earlier_index_equal_its_rows_sums():
     assert totals.outputs == 2
     assert totals.sums["ssim"] == sums["ssim_sum"] and totals.counts["ssim"] == 1
     assert totals.means()["structure"] == 0.5
+
+
+def test_windows_bound_the_blocks_of_one_pipeline():
+    # Defaults on the CPU: 3 + 32/8 + 32/256 -> 8 blocks a group.
+    assert generate.window_groups(32, 8, 256) == generate.WINDOW_BLOCKS // 8
+    assert generate.window_groups(32, 64, 2) == generate.WINDOW_BLOCKS // 20
+    assert generate.window_groups(10**6, 1, 1) == 1
 
 
 def test_streaming_budget_is_a_few_batches_per_cpu_and_stage():

@@ -70,6 +70,10 @@ PREPROCESS_COPIES = 4  # an image's bytes a decoding task holds, in model-side s
 WORKER_BYTES = 512 << 20  # a Ray worker process with our imports, before any data
 STAGES, BATCHES_IN_FLIGHT = 4, 2  # of the pipeline; see `streaming_budget`
 MIN_STREAMING_BUDGET = 32 << 20
+# Ray Data blocks that one run of the pipeline creates at most: the driver's memory grows
+# with the blocks of a run (Ray's bookkeeping of each task and block), so a larger corpus
+# runs as several pipelines over windows of the listing, one after another.
+WINDOW_BLOCKS = 16384
 # Input columns each stage hands on untouched, for the worker that writes the shard.
 PASSED_THROUGH = ("relpath", "labels", "source", "input_path")
 
@@ -553,54 +557,63 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
         shipped = ray.put(weights_bytes(state, torch.float32))
         cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
         stages = stage_options(cfg, corpus, listing, size, state)
-        groups = listing.groups
-        dataset = (
+
+        def window(first_group: int, groups: int):
             # One row per row group of the listing, which the first task reads itself: the
             # driver never holds the corpus's rows.
-            ray.data.range(groups, override_num_blocks=groups)
-            .map_batches(
-                preprocess_group,
-                batch_size=1,
-                compute=cpu_tasks,
-                # What a task's worker holds: a Python with numpy, torch and PIL loaded, and
-                # its batch's decoded images and fitted squares. Declaring it also keeps
-                # these tasks apart from the model's actors (Ray Data fuses a task stage
-                # into the actor stage after it when their resources are equal, as they
-                # are without a GPU): decoding runs beside the model, not in turn with it.
-                memory=WORKER_BYTES + cfg.cpu_batch * size * size * 3 * PREPROCESS_COPIES,
-                fn_kwargs=stages.preprocess,
+            return (
+                ray.data.range(groups, override_num_blocks=groups)
+                .map_batches(
+                    preprocess_group,
+                    batch_size=1,
+                    compute=cpu_tasks,
+                    # What a task's worker holds: a Python with numpy, torch and PIL
+                    # loaded, and its batch's decoded images and fitted squares. Declaring
+                    # it also keeps these tasks apart from the model's actors (Ray Data
+                    # fuses a task stage into the actor stage after it when their resources
+                    # are equal, as they are without a GPU): decoding runs beside the
+                    # model, not in turn with it.
+                    memory=WORKER_BYTES + cfg.cpu_batch * size * size * 3 * PREPROCESS_COPIES,
+                    fn_kwargs={**stages.preprocess, "first_group": first_group},
+                )
+                .map_batches(
+                    inference.Translator,
+                    batch_size=model_batch,
+                    fn_constructor_kwargs={
+                        **stages.translate,
+                        "checkpoint": checkpoint.with_suffix(WEIGHTS_SUFFIX).name,
+                        "threads": threads,
+                        "shipped": shipped,
+                    },
+                    # Ray Data restarts a crashed actor and retries its task.
+                    compute=ray.data.ActorPoolStrategy(size=replicas),
+                    num_gpus=1 if gpus else 0,
+                )
+                .map_batches(
+                    postprocess_batch,
+                    batch_size=cfg.cpu_batch,
+                    compute=cpu_tasks,
+                    fn_kwargs=stages.postprocess,
+                )
+                .map_batches(
+                    write_shard_batch,
+                    batch_size=cfg.shard_size,
+                    compute=cpu_tasks,
+                    fn_kwargs=stages.write,
+                )
             )
-            .map_batches(
-                inference.Translator,
-                batch_size=model_batch,
-                fn_constructor_kwargs={
-                    **stages.translate,
-                    "checkpoint": checkpoint.with_suffix(WEIGHTS_SUFFIX).name,
-                    "threads": threads,
-                    "shipped": shipped,
-                },
-                compute=ray.data.ActorPoolStrategy(size=replicas),
-                num_gpus=1 if gpus else 0,  # Ray Data restarts a crashed actor, retries its task
-            )
-            .map_batches(
-                postprocess_batch,
-                batch_size=cfg.cpu_batch,
-                compute=cpu_tasks,
-                fn_kwargs=stages.postprocess,
-            )
-            .map_batches(
-                write_shard_batch,
-                batch_size=cfg.shard_size,
-                compute=cpu_tasks,
-                fn_kwargs=stages.write,
-            )
-        )
+
         bar = tqdm(
             total=listing.images, disable=not progress, unit="img", desc="generate", file=console
         )
-        for summary in dataset.iter_rows():
-            totals.add_shard(summary, time.perf_counter() - started)
-            bar.update(int(summary["images"]) + int(summary["rejected"]))
+        # Each window starts its own actors: a reload of the model per window, which
+        # WINDOW_BLOCKS keeps rare (tens of thousands of images apart).
+        step = window_groups(cfg.cpu_batch, model_batch, cfg.shard_size)
+        for first_group in range(0, listing.groups, step):
+            dataset = window(first_group, min(step, listing.groups - first_group))
+            for summary in dataset.iter_rows():
+                totals.add_shard(summary, time.perf_counter() - started)
+                bar.update(int(summary["images"]) + int(summary["rejected"]))
         bar.close()
         return time.perf_counter() - started
 
@@ -639,12 +652,22 @@ def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, size: i
     )
 
 
-def preprocess_group(batch: dict[str, np.ndarray], listing: str, file_groups: int, **options):
-    """The first task of the pipeline: read row group `batch["id"][0]` of the listing, then
-    `preprocess_batch` its images."""
-    rows = read_listing_group(listing, file_groups, int(batch["id"][0]))
+def preprocess_group(
+    batch: dict[str, np.ndarray], listing: str, file_groups: int, first_group: int = 0, **options
+):
+    """The first task of the pipeline: read row group `first_group + batch["id"][0]` of the
+    listing, then `preprocess_batch` its images."""
+    rows = read_listing_group(listing, file_groups, first_group + int(batch["id"][0]))
     columns = {name: np.array(values, dtype=object) for name, values in rows.items()}
     return preprocess_batch(columns, **options)
+
+
+def window_groups(cpu_batch: int, model_batch: int, shard_size: int) -> int:
+    """Listing row groups in one window of the pipeline: WINDOW_BLOCKS over the blocks a
+    group makes (its read, its decoded batch, its model batches, its scored batch and
+    its shards' summaries)."""
+    blocks = 3 + math.ceil(cpu_batch / model_batch) + math.ceil(cpu_batch / shard_size)
+    return max(1, WINDOW_BLOCKS // blocks)
 
 
 def streaming_budget(cpus: int, cpu_batch: int, size: int) -> int:
