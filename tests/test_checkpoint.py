@@ -47,6 +47,22 @@ def test_weights_of_a_checkpoint_whose_tensors_share_memory(tmp_path):
     assert torch.equal(loaded["generator"]["w"], torch.ones(3))
 
 
+def test_loading_a_checkpoint_maps_its_tensors_instead_of_reading_them(tmp_path):
+    # generate needs a checkpoint's generator only: the optimizers' moments of a large
+    # checkpoint must not be read into the driver's memory.
+    moments = {f"m{i}": torch.ones(16 << 20) for i in range(4)}  # 256 MiB
+    path = checkpoint.save_checkpoint(tmp_path / "big.pt", {"optim_g": moments})
+    del moments
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+    before = resident()
+    state = load_checkpoint(path)
+    assert resident() - before < 64 << 20
+    assert state["optim_g"]["m3"][-1].item() == 1.0  # readable all the same
+
+
 def test_a_file_that_is_not_tirsynth_weights_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -377,9 +377,8 @@ def _same_work_in_one_process(
     corpus = discover_corpus(cfg.input)
     done = pa.array([], pa.string())
     listing = write_listing(corpus, scratch / "listing", done, cpu_batch)
-    stages = generate.stage_options(
-        cfg, corpus, listing, checkpoint_config(state).data.image_size, state
-    )
+    size = checkpoint_config(state).data.image_size
+    stages = generate.stage_options(cfg, corpus, listing, size, state["tir_stats"])
     Path(cfg.out).mkdir(parents=True)
     threads = torch.get_num_threads()
     translator = inference.Translator(cfg.checkpoint, threads=1, **stages.translate)

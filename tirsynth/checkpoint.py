@@ -130,7 +130,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.suffix == WEIGHTS_SUFFIX:
         return _load_weights(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Mapped, not read: tensors are paged in when used, so a caller that needs only
+        # the generator does not hold the optimizers' moments in memory.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a loadable tirsynth checkpoint ({err})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -101,6 +101,12 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     checkpoint = inference.resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
     train_cfg = checkpoint_config(state)
+    # What the run needs of the checkpoint: the generator's weights alone, at full
+    # precision, for the actors (on a cluster the checkpoint's path exists only on this
+    # machine, and the training state around them would take several times the room),
+    # and the real-TIR statistics that outputs are scored against.
+    weights, tir_stats = weights_bytes(state, torch.float32), state["tir_stats"]
+    del state
     size = cfg.size or train_cfg.data.image_size
     if size % 2**train_cfg.model.depth:
         raise ValueError(f"size {size} must be a multiple of 2**depth = {2**train_cfg.model.depth}")
@@ -130,7 +136,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         pipeline_seconds = 0.0
         if listing.images:
             pipeline_seconds = _run_pipeline(
-                cfg, corpus, listing, checkpoint, size, state, totals, progress
+                cfg, corpus, listing, checkpoint, size, weights, tir_stats, totals, progress
             )
         shutil.rmtree(listing.folder)
         if corpus.coco_files:
@@ -525,8 +531,15 @@ def build_report(
     }
 
 
-def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals, progress):
-    """Run the Ray Data pipeline over the listing's images; returns its seconds."""
+def _run_pipeline(
+    cfg, corpus, listing: Listing, checkpoint, size, weights, tir_stats, totals, progress
+):
+    """Run the Ray Data pipeline over the listing's images; returns its seconds.
+
+    Args:
+        weights: the generator as `checkpoint.weights_bytes`, shipped to the actors.
+        tir_stats: the checkpoint's real-TIR statistics.
+    """
     import ray
     import ray.data
 
@@ -551,12 +564,9 @@ def _run_pipeline(cfg, corpus, listing: Listing, checkpoint, size, state, totals
         # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU
         # (leaving the rest to decoding and scoring) but runs on its share of its node's.
         threads = 0 if gpus else _threads_per_replica(ray.nodes(), replicas)
-        # The generator travels to the actors through the object store: on a cluster the
-        # checkpoint's path exists only on this machine. Its weights alone, at full
-        # precision: the training state around them would take several times the room.
-        shipped = ray.put(weights_bytes(state, torch.float32))
+        shipped = ray.put(weights)  # through the object store, to every node's actors
         cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
-        stages = stage_options(cfg, corpus, listing, size, state)
+        stages = stage_options(cfg, corpus, listing, size, tir_stats)
 
         def window(first_group: int, groups: int):
             # One row per row group of the listing, which the first task reads itself: the
@@ -629,10 +639,13 @@ class StageOptions:
     write: dict[str, Any]  # of write_shard_batch
 
 
-def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, size: int, state):
+def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, size: int, stats):
     """What each stage is given, for the pipeline and for a run of the same stages in one
-    process (the limit that `bench generate-scale` compares the pipeline with)."""
-    stats = state["tir_stats"]
+    process (the limit that `bench generate-scale` compares the pipeline with).
+
+    Args:
+        stats: the checkpoint's real-TIR statistics (its "tir_stats").
+    """
     return StageOptions(
         preprocess={
             "listing": str(listing.folder),
