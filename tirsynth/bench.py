@@ -229,10 +229,10 @@ def bench_generate(
     """End-to-end generation images/s against the bare generator forward pass.
 
     Both at the same batch size, resolution and precision, in this run; generate twice in
-    one Ray, cold and warm (see below). Without a
-    checkpoint, a randomly initialised configs/sparse.yaml generator stands in (speed does
-    not depend on the weights). Peak memory is the largest proportional set size (PSS) of
-    this process and all its descendants (Ray's workers included) sampled during the run.
+    one Ray, cold and warm (see below). Without a checkpoint, a randomly initialised
+    configs/sparse.yaml generator stands in (speed does not depend on the weights). Peak
+    memory is the largest proportional set size (PSS) of this process and all its
+    descendants (Ray's workers included) sampled during the run.
     """
     import torch
 
@@ -381,19 +381,20 @@ def _same_work_in_one_process(
     stages = generate.stage_options(cfg, corpus, listing, size, state["tir_stats"])
     Path(cfg.out).mkdir(parents=True)
     threads = torch.get_num_threads()
-    translator = inference.Translator(cfg.checkpoint, threads=1, **stages.translate)
-    images = 0
-    start = time.perf_counter()
-    for group in range(min(listing.groups, math.ceil(limit / cpu_batch))):
-        batch = generate.preprocess_group({"id": np.array([group])}, **stages.preprocess)
-        batch = generate.postprocess_batch(translator(batch), **stages.postprocess)
-        for first in range(0, len(batch["key"]), shard_size):
-            shard = {name: column[first : first + shard_size] for name, column in batch.items()}
-            images += int(generate.write_shard_batch(shard, **stages.write)["images"][0])
-    seconds = time.perf_counter() - start
-    torch.set_num_threads(threads)
-    shutil.rmtree(scratch)
-    return images, seconds
+    try:
+        translator = inference.Translator(cfg.checkpoint, threads=1, **stages.translate)
+        images = 0
+        start = time.perf_counter()
+        for group in range(min(listing.groups, math.ceil(limit / cpu_batch))):
+            batch = generate.preprocess_group({"id": np.array([group])}, **stages.preprocess)
+            batch = generate.postprocess_batch(translator(batch), **stages.postprocess)
+            for first in range(0, len(batch["key"]), shard_size):
+                shard = {name: column[first : first + shard_size] for name, column in batch.items()}
+                images += int(generate.write_shard_batch(shard, **stages.write)["images"][0])
+        return images, time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)  # this process's later measurements use them all
+        shutil.rmtree(scratch)
 
 
 def _decode_encode_images_per_s(source: Path, limit: int) -> float:
