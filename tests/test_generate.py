@@ -518,3 +518,132 @@ def test_run_totals_series_stays_bounded_with_equal_points():
     assert sum(point["images"] for point in series) == 200_000
     assert len({point["shards"] for point in series[:-1]}) == 1
     assert generate._steady_rate(series) == pytest.approx(100, rel=0.01)
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` (its data is one tiny row)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"\0\0\0\0IEND\xaeB`\x82"
+
+
+def files_under(folder: Path) -> dict[str, float]:
+    return {str(p): p.lstat().st_mtime for p in folder.rglob("*")}
+
+
+def test_hostile_inputs_become_rejects_and_nothing_leaves_the_given_folders(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    """A COCO dataset from a stranger: traversal and absolute names, Windows separators,
+    links out of the folder and in loops, a name that is not UTF-8, zero-byte, truncated,
+    text-as-image and huge-header files. Every valid image converted; every other item a
+    reject naming its reason; nothing read or written outside the input and `--to`."""
+    root, secret = tmp_path / "data" / "coco", tmp_path / "secret"
+    write_image(secret / "evil.jpg", (40, 30), 7)  # would convert if it were ever read
+    write_image(root / "val" / "good.jpg", (40, 30), 1)
+    write_image(root / "images" / "val" / "sub" / "win.jpg", (33, 21), 2)
+    write_image(root / "images" / "val" / "kept.jpg", (20, 20), 3)
+    good = (root / "val" / "good.jpg").read_bytes()
+    (root / "val" / "empty.jpg").write_bytes(b"")
+    (root / "val" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (root / "val" / "text.jpg").write_text("not an image")
+    (root / "val" / "huge.png").write_bytes(huge_png(60_000, 60_000))
+    (root / "val" / "link-out.jpg").symlink_to(secret / "evil.jpg")
+    (root / "val" / "loop.jpg").symlink_to(root / "val" / "loop.jpg")
+    (root / "val" / os.fsdecode(b"caf\xff.jpg")).write_bytes(good)
+    names = {
+        "good.jpg": "converted",
+        "sub\\win.jpg": "converted",  # Windows separators, found under images/val/
+        "images/../images/val/kept.jpg": "converted",  # inside, however spelled
+        "../../../secret/evil.jpg": "path outside the input folder",
+        str(secret / "evil.jpg"): "path outside the input folder",
+        "..\\..\\..\\secret\\evil.jpg": "path outside the input folder",
+        "../../../../../../../../etc/hostname": "path outside the input folder",
+        "link-out.jpg": "path outside the input folder",
+        "loop.jpg": "image named in COCO json not found",
+        "empty.jpg": "empty file",
+        "cut.jpg": "truncated",
+        "text.jpg": "not an image",
+        "huge.png": "image too large",
+        "caf\udcff.jpg": "file name is not valid UTF-8",
+    }
+    coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)], "annotations": []}
+    coco["images"] += [{"id": 98}, {"id": 99, "file_name": 5}]  # no usable file_name
+    coco["annotations"] = [{"id": i, "image_id": i, "bbox": [1, 1, 2, 2]} for i in range(3)]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(coco, ensure_ascii=True))
+    before_secret, before_input = files_under(secret), files_under(root)
+
+    out, to = tmp_path / "out", tmp_path / "exp" / "x"
+    result = generate.run(generate_cfg(root, out, tiny_checkpoint), progress=False)
+    assert result.generated == 3 and result.total == 3
+    reasons = [r["reason"] for r in result.rejects]
+    for name, expected in names.items():
+        if expected != "converted":
+            assert any(r.startswith(expected) for r in reasons), name
+    assert sum("outside the input folder" in r for r in reasons) == 5
+    assert sum("without a file_name" in r for r in reasons) == 2
+    assert all(json.dumps(r, ensure_ascii=False).encode("utf-8") for r in result.rejects)
+    assert export.run(out, to, progress=False) == 3
+    written = sorted(p.relative_to(to).as_posix() for p in to.rglob("*") if p.is_file())
+    assert written == [
+        "annotations/instances_val.json", "images/val/kept.png", "images/val/sub/win.png",
+        "val/good.png",
+    ]  # fmt: skip
+    exported = json.loads((to / "annotations" / "instances_val.json").read_text())
+    assert sorted(e["id"] for e in exported["images"]) == [0, 1, 2]
+    assert len(exported["annotations"]) == 3
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["x"]
+    assert files_under(secret) == before_secret and files_under(root) == before_input
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "exp", "out", "secret"]
+
+
+def test_yolo_binary_and_outside_label_files_are_rejects(tmp_path, tiny_checkpoint, ray_session):
+    root = tmp_path / "yolo"
+    for name in ("ok", "binary", "linked"):
+        write_image(root / "images" / f"{name}.png", (30, 20), 0)
+    (root / "labels").mkdir()
+    (root / "labels" / "ok.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (root / "labels" / "binary.txt").write_bytes(b"\x00\xff\xfe\x80 junk")
+    (tmp_path / "secret.txt").write_text("password\n")
+    (root / "labels" / "linked.txt").symlink_to(tmp_path / "secret.txt")
+    out = tmp_path / "out"
+    result = generate.run(generate_cfg(root, out, tiny_checkpoint), progress=False)
+    reasons = {Path(r["path"]).name: r["reason"] for r in result.rejects}
+    assert result.generated == 1
+    assert reasons["binary.txt"] == "label file is not UTF-8 text"
+    assert reasons["linked.txt"] == "label file: path outside the input folder"
+    to = tmp_path / "to"
+    export.run(out, to, progress=False)
+    assert (to / "labels" / "ok.txt").read_text() == "0 0.5 0.5 0.1 0.1\n"
+    assert not any("password" in p.read_text() for p in (to / "labels").iterdir())
+
+
+def test_export_writes_only_inside_to_whatever_the_shards_say(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    make_yolo(tmp_path / "yolo")
+    out = tmp_path / "out"
+    generate.run(generate_cfg(tmp_path / "yolo", out, tiny_checkpoint), progress=False)
+    # Shards written by an older tirsynth, or edited by hand, with hostile paths in them.
+    for shard in sorted(out.glob("tir-*.tar")):
+        samples = [
+            {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            for sample in shards.read_shard(shard)
+        ]
+        for sample in samples:
+            record = json.loads(sample["json"])
+            record["relpath"] = "../../escaped/" + record["relpath"]
+            if "label_file" in record["labels"]:
+                record["labels"]["label_file"] = "/tmp/../" + str(tmp_path / "escaped.txt")
+            sample["json"] = json.dumps(record).encode()
+        shards.write_shard(shard, samples)
+    to = tmp_path / "deep" / "to"
+    assert export.run(out, to, progress=False) == len(SIZES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "out", "yolo"]
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["to"]
+    assert (to / "escaped" / "images" / "train" / "img 0.png").is_file()

@@ -77,6 +77,35 @@ def test_csv_of_pairs(tmp_path):
     assert "empty rgb or tir path" in rejects[0].reason
 
 
+def test_paths_leading_outside_the_dataset_are_rejects(tmp_path):
+    """A CSV cell or a link inside a pair folder that leads out of the dataset is a reject,
+    never read."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    write_pair(data / "v" / "x.png", data / "t" / "x.png", 0)
+    write_pair(outside / "v.png", outside / "t.png", 1)
+    listing = write_csv(
+        data / "pairs.csv",
+        [
+            {"rgb": "v/x.png", "tir": "t/x.png"},
+            {"rgb": "../outside/v.png", "tir": "t/x.png"},
+            {"rgb": "v/x.png", "tir": str(outside / "t.png")},
+            {"rgb": "v\\..\\..\\outside\\v.png", "tir": "t/x.png"},
+        ],
+    )
+    pairs, rejects, _ = layouts.discover(listing)
+    assert [p.key for p in pairs] == ["pairs_v_x"]
+    assert [r.reason for r in rejects] == [
+        f"CSV line {n}: path outside the input folder (the CSV's folder)" for n in (3, 4, 5)
+    ]
+    folders = tmp_path / "folders"
+    write_pair(folders / "rgb" / "a.png", folders / "tir" / "a.png", 2)
+    (folders / "rgb" / "b.png").symlink_to(outside / "v.png")
+    (folders / "tir" / "b.png").symlink_to(outside / "t.png")
+    pairs, rejects, _ = layouts.discover(folders)
+    assert [p.key for p in pairs] == ["folders_a"]
+    assert sorted(r.reason for r in rejects) == ["path outside the input folder"] * 2
+
+
 def test_unknown_layout_names_the_choices(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(ValueError, match="--layout"):

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -108,3 +109,49 @@ def test_write_report_refuses_unknown_stage(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"stage": "nope"}))
     with pytest.raises(ValueError, match="unknown stage"):
         write_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], [0.5], [0.5, 0.5], [0.5, 0.5 + 1e-16], [0.3, 0.3 + 5e-17, 0.3], [float("nan"), 1.0],
+     [float("nan")], [float("inf"), -2.0, 7e9, 7e9 + 1e-6]],
+)  # fmt: skip
+def test_histograms_draw_any_data(values):
+    from tirsynth.report import _plot_hist, hist_bins
+
+    finite, edges = hist_bins(values)
+    assert len(edges) >= 2 and np.all(np.diff(edges) > 0)
+    assert np.all((finite >= edges[0]) & (finite <= edges[-1]))
+    assert _plot_hist({"": values}, "ssim").startswith("data:image/png;base64,")
+
+
+def test_a_run_is_never_lost_to_its_report(tmp_path, tiny_checkpoint, ray_session, monkeypatch):
+    """Drawing fails: the data are complete and exportable, a no-op rerun keeps the run's
+    report.json (series and throughput), and `tirsynth report` draws the page later."""
+    from conftest import SAMPLE
+
+    from tirsynth import export, report
+
+    out = tmp_path / "out"
+    cfg = GenerateConfig(
+        input=str(SAMPLE / "roadscene" / "crop_LR_visible"), out=str(out),
+        checkpoint=str(tiny_checkpoint), batch_size=4, shard_size=2,
+    )  # fmt: skip
+
+    def broken(*args):
+        raise ValueError("Too many bins for data range")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "_generate", broken)
+        result = generate.run(cfg, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not (out / "report.html").exists()
+    assert export.run(out, tmp_path / "files", progress=False) == result.total == 8
+    first = (out / "report.json").read_text()
+    assert json.loads(first)["batches"]
+    again = generate.run(cfg, progress=False)  # nothing to do
+    assert again.generated == 0 and (out / "report.json").read_text() == first
+    assert (out / "report.html").is_file()  # drawn by the rerun that found it missing
+    (out / "report.html").unlink()
+    assert CliRunner().invoke(cli, ["report", str(out)]).exit_code == 0
+    assert (out / "report.html").is_file()

@@ -23,6 +23,17 @@ import pyarrow.parquet as pq
 
 from tirsynth import shards
 from tirsynth.config import CorpusKind
+from tirsynth.containment import (
+    NOT_UTF8,
+    OUTSIDE,
+    clean_relpath,
+    inside,
+    is_utf8,
+    printable,
+    relpath_inside,
+    resolve,
+    walk_files,
+)
 from tirsynth.layouts import IMAGE_SUFFIXES, make_key
 
 COCO_PREFIX = "coco_"  # generate writes COCO input's json as coco_<name> beside its index
@@ -97,27 +108,36 @@ def detect_kind(root: Path) -> str:
 
 def output_relpath(relpath: str) -> str:
     """Where `export` writes an input's TIR image: same folders and stem, as PNG."""
-    return f"{os.path.splitext(relpath)[0]}.png"
+    return clean_relpath(f"{os.path.splitext(relpath)[0]}.png")
 
 
 def _list_folder(root: Path) -> Iterator[InputImage | Reject]:
-    for rel in _walk(root):
+    for rel, problem in walk_files(root):
         path = root / rel
-        if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+        if problem:
+            yield _reject(rel, path, problem)
+        elif Path(rel).suffix.lower() in IMAGE_SUFFIXES:
             yield InputImage(_key(rel), rel, str(path))
         else:
             yield _reject(rel, path, "not an image file")
 
 
 def _list_file(list_file: Path) -> Iterator[InputImage | Reject]:
+    """A text file of image paths, relative to its folder or absolute: the user's own
+    selection, like paths on a command line, so it may name files anywhere. Each output's
+    path is the file's path under the list's folder, or else its whole normalised path
+    (`/data/a.jpg` exports as `data/a.png`), so two files never share an output."""
     base = list_file.parent
-    with list_file.open() as lines:
-        for line in (line.strip() for line in lines):
+    resolved_base = resolve(base)
+    with list_file.open(encoding="utf-8", errors="surrogateescape") as lines:
+        for number, line in enumerate((line.strip() for line in lines), start=1):
             if not line or line.startswith("#"):
                 continue
-            path = Path(line) if Path(line).is_absolute() else base / line
-            rel = line.lstrip("/") if Path(line).is_absolute() else line
-            rel = rel.replace(os.sep, "/")
+            if not is_utf8(line):
+                yield _reject(line, list_file, f"line {number}: {NOT_UTF8}")
+                continue
+            path = Path(os.path.normpath(base / line))
+            rel = relpath_inside(base, line, resolved_base) or clean_relpath(str(path))
             if not path.is_file():
                 yield _reject(rel, path, "file listed but missing")
             else:
@@ -127,25 +147,51 @@ def _list_file(list_file: Path) -> Iterator[InputImage | Reject]:
 def _list_yolo(root: Path) -> Iterator[InputImage | Reject]:
     """YOLO layout: images/<rel>.<ext> with labels/<rel>.txt (no file: no objects)."""
     label_root = root / "labels"
-    for rel in _walk(root / "images"):
+    for rel, problem in walk_files(root / "images", root):
         path = root / "images" / rel
+        if problem:
+            yield _reject(f"images/{rel}", path, problem)
+            continue
         if Path(rel).suffix.lower() not in IMAGE_SUFFIXES:
             yield _reject(f"images/{rel}", path, "not an image file")
             continue
-        label_file = label_root / f"{os.path.splitext(rel)[0]}.txt"
-        text = label_file.read_text() if label_file.is_file() else ""
-        labels = {"yolo": text, "label_file": f"labels/{os.path.splitext(rel)[0]}.txt"}
+        label_rel = f"labels/{os.path.splitext(rel)[0]}.txt"
+        text, problem = _read_label_file(root, label_rel)
+        if problem:
+            yield _reject(f"images/{rel}", root / label_rel, problem)
+            continue
+        labels = {"yolo": text, "label_file": label_rel}
         yield InputImage(
             _key(f"images/{rel}"), f"images/{rel}", str(path), labels=json.dumps(labels)
         )
     # Label files without an image, one folder of images in memory at a time.
     stems_in: dict[str, set[str]] = {}
-    for rel in _walk(label_root):
+    for rel, problem in walk_files(label_root, root):
+        if not rel:  # no labels/ folder (or one that leads outside: each image says so)
+            continue
         folder, name = os.path.split(rel)
         if folder not in stems_in:
             stems_in = {folder: _image_stems(root / "images" / folder)}
-        if name.endswith(".txt") and os.path.splitext(name)[0] not in stems_in[folder]:
-            yield _reject(f"labels/{rel}", label_root / rel, "labels without an image")
+        if os.path.splitext(name)[0] in stems_in[folder]:
+            continue  # its image's entry took it, or named why it could not
+        if problem or name.endswith(".txt"):
+            reason = problem or "labels without an image"
+            yield _reject(f"labels/{rel}", label_root / rel, reason)
+
+
+def _read_label_file(root: Path, label_rel: str) -> tuple[str, str | None]:
+    """(text of a YOLO label file, '' when there is none; None or why it cannot be used)."""
+    path = root / label_rel
+    if not os.path.lexists(path):
+        return "", None
+    if not inside(root, path):
+        return "", f"label file: {OUTSIDE}"
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except UnicodeDecodeError:
+        return "", "label file is not UTF-8 text"
+    except OSError as error:
+        return "", f"cannot read the label file: {error.strerror or error}"
 
 
 def _image_stems(folder: Path) -> set[str]:
@@ -160,27 +206,56 @@ def _image_stems(folder: Path) -> set[str]:
 
 
 def _list_coco(root: Path, coco_files: dict[str, Path]) -> Iterator[InputImage | Reject]:
-    """COCO: annotations/*.json (instances) and the images they name, wherever they sit."""
+    """COCO: annotations/*.json (instances) and the images they name, wherever they sit
+    inside the root."""
+    resolved_root = resolve(root)
     for name, json_path in coco_files.items():
         coco = json.loads(json_path.read_text())
         by_image: dict[Any, list] = {}
         for annotation in coco.get("annotations", []):
-            by_image.setdefault(annotation["image_id"], []).append(annotation)
-        for entry in coco["images"]:
-            path, rel = coco_image_path(root, name, entry)
-            if path is None:
-                yield _reject(rel, root / rel, "image named in COCO json not found")
+            if isinstance(annotation, dict):
+                by_image.setdefault(annotation.get("image_id"), []).append(annotation)
+        for number, entry in enumerate(coco["images"]):
+            file_name = entry.get("file_name") if isinstance(entry, dict) else None
+            if not isinstance(file_name, str) or not file_name.strip():
+                where = f"{name} images[{number}]"
+                yield _reject(where, json_path, "COCO image entry without a file_name")
                 continue
-            annotations = by_image.get(entry["id"], [])
+            if not is_utf8(file_name):
+                yield _reject(file_name, Path(file_name), NOT_UTF8)
+                continue
+            path, rel = coco_image_path(root, name, entry, resolved_root)
+            if path is None:
+                yield _reject(file_name, root / file_name, rel)
+                continue
+            annotations = by_image.get(entry.get("id"), [])
             labels = {"coco": {"file": name, "image": entry, "annotations": annotations}}
             yield InputImage(_key(rel), rel, str(path), labels=json.dumps(labels))
 
 
-def coco_image_path(root: Path, json_name: str, entry: dict) -> tuple[Path | None, str]:
-    """(the file a COCO json's image entry names, or None; its path under the root)."""
+def coco_image_path(
+    root: Path, json_name: str, entry: dict, resolved_root: Path | None = None
+) -> tuple[Path | None, str]:
+    """(the file a COCO json's image entry names, or None; its clean path under the root,
+    or why it was not taken).
+
+    The name is looked for in the root, the json's subset folder and images/; a name that
+    leads outside the root (`..`, an absolute path, a link) is never opened."""
+    file_name = entry["file_name"].replace("\\", "/")
     subset = Path(json_name).stem.removeprefix("instances_")
-    path = _find_coco_image(root, subset, entry["file_name"])
-    return path, path.relative_to(root).as_posix() if path else entry["file_name"]
+    if os.path.isabs(file_name):
+        candidates = [file_name]
+    else:
+        folders = ("", subset, "images", f"images/{subset}")
+        candidates = [os.path.join(folder, file_name) for folder in folders]
+    reason = "image named in COCO json not found"
+    for candidate in candidates:
+        rel = relpath_inside(root, candidate, resolved_root)
+        if rel is None:
+            reason = OUTSIDE
+        elif (root / rel).is_file():
+            return root / rel, rel
+    return None, reason
 
 
 def _check_split(root: Path, split: str | None) -> None:
@@ -212,29 +287,12 @@ def _coco_jsons(root: Path) -> list[Path]:
     return found
 
 
-def _find_coco_image(root: Path, subset: str, file_name: str) -> Path | None:
-    for folder in (root, root / subset, root / "images", root / "images" / subset):
-        if (folder / file_name).is_file():
-            return folder / file_name
-    return None
-
-
-def _walk(folder: Path) -> Iterator[str]:
-    """Files under `folder` ('/'-separated, relative), sorted within each folder, hidden
-    ones left out; one folder's names in memory at a time."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
-
-
 def _key(relpath: str) -> str:
     return make_key("img", os.path.splitext(relpath)[0]).removeprefix("img_")
 
 
 def _reject(rel: str, path: Path, reason: str) -> dict[str, str]:
-    return {"key": _key(rel), "path": str(path), "reason": reason}
+    return {"key": _key(printable(rel)), "path": printable(str(path)), "reason": reason}
 
 
 def unique_key(image: InputImage, colliding: set[str]) -> InputImage:

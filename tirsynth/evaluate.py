@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tirsynth import __version__, inference, metrics, quality, shards
 from tirsynth.checkpoint import checkpoint_config, load_checkpoint
 from tirsynth.config import EvaluateConfig, to_dict
-from tirsynth.report import write_report
+from tirsynth.report import write_report_or_warn
 
 PER_IMAGE = "evaluation.parquet"
 REPORT = "report.json"
@@ -122,7 +122,7 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
         "seconds": time.time() - started,
     }
     shards.write_json(out / REPORT, report)
-    write_report(out)
+    write_report_or_warn(out)
     return EvaluateResult(out, results, report)
 
 

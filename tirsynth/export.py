@@ -2,18 +2,19 @@
 
 For tools that want files: each output is written as `<input relative path>.png`
 (8-bit single-channel), with the labels in the input's own format (COCO json in
-annotations/, YOLO txt in labels/).
+annotations/, YOLO txt in labels/). Every target is built from a cleaned relative path and
+checked to lie inside `to`, whatever the shards say (`containment.target_inside`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
 from tirsynth import shards
+from tirsynth.containment import inside, target_inside
 from tirsynth.corpus import COCO_PREFIX, output_relpath
 from tirsynth.shards import atomic_output
 
@@ -36,19 +37,21 @@ def run(generated: str | Path, to: str | Path, progress: bool = True) -> int:
     for shard in sorted(shard_column.unique().to_pylist()):
         for sample in shards.read_shard(generated / shard):
             record = json.loads(sample["json"])
-            _write(to / output_relpath(record["relpath"]), sample["tir.png"])
+            _write(target_inside(to, output_relpath(record["relpath"])), sample["tir.png"])
             yolo = record["labels"].get("yolo")
             if yolo is not None:
-                _write(to / record["labels"]["label_file"], yolo.encode())
+                _write(target_inside(to, record["labels"]["label_file"]), yolo.encode())
             written += 1
             bar.update(1)
     bar.close()
     for coco_file in sorted(generated.glob(f"{COCO_PREFIX}*.json")):
-        target = to / "annotations" / coco_file.name.removeprefix(COCO_PREFIX)
+        target = target_inside(to, f"annotations/{coco_file.name.removeprefix(COCO_PREFIX)}")
         _write(target, coco_file.read_bytes())
     if manifest["input_kind"] == "yolo":
-        for dataset_yaml in Path(manifest["input"]).glob("*.yaml"):
-            shutil.copyfile(dataset_yaml, to / dataset_yaml.name)
+        source = Path(manifest["input"])
+        for dataset_yaml in sorted(source.glob("*.yaml")):
+            if inside(source, dataset_yaml):  # a link to a file elsewhere is not copied out
+                _write(target_inside(to, dataset_yaml.name), dataset_yaml.read_bytes())
     return written
 
 

@@ -56,7 +56,7 @@ from tirsynth.corpus import (
     read_listing_group,
     write_listing,
 )
-from tirsynth.report import write_report
+from tirsynth.report import REPORT_HTML, write_report_or_warn
 
 SHARD_PREFIX = "tir"
 LOCK = ".generate.lock"
@@ -142,11 +142,18 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         if corpus.coco_files:
             write_coco(out, corpus, shards.read_index(out, ["key", "relpath", "shard"]))
         rejects = shards.read_rejects(out)
-        report = build_report(
-            cfg, checkpoint, corpus, totals, rejects, time.time() - started, pipeline_seconds
-        )
-        shards.write_json(out / REPORT, report)
-        write_report(out)
+        if not listing.images and (out / REPORT).is_file():
+            # Nothing was left to do (a rerun, or the second of two concurrent runs): the
+            # run that did the work keeps its report, throughput and series included.
+            report = json.loads((out / REPORT).read_text())
+            if not (out / REPORT_HTML).is_file():
+                write_report_or_warn(out)
+        else:
+            report = build_report(
+                cfg, checkpoint, corpus, totals, rejects, time.time() - started, pipeline_seconds
+            )
+            shards.write_json(out / REPORT, report)
+            write_report_or_warn(out)
         shards.write_json(out / shards.MANIFEST, {**manifest, "status": "complete"})
     return GenerateResult(out, checkpoint, totals.added, totals.outputs, rejects, report)
 
@@ -485,6 +492,8 @@ def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
         coco = json.loads(coco_path.read_text())
         kept_images = []
         for entry in coco["images"]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+                continue  # listed as a reject
             path, relpath = coco_image_path(corpus.root, name, entry)
             row = by_relpath.get(relpath) if path is not None else None
             if row is not None:
@@ -497,7 +506,10 @@ def write_coco(out: Path, corpus: Corpus, index: list[dict]) -> list[Path]:
                     }
                 )
         kept_ids = {entry["id"] for entry in kept_images}
-        annotations = [a for a in coco.get("annotations", []) if a["image_id"] in kept_ids]
+        annotations = [
+            a for a in coco.get("annotations", [])
+            if isinstance(a, dict) and a.get("image_id") in kept_ids
+        ]  # fmt: skip
         path = out / f"{COCO_PREFIX}{name}"
         shards.write_json(path, {**coco, "images": kept_images, "annotations": annotations})
         written.append(path)

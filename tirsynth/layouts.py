@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from tirsynth.containment import OUTSIDE, relpath_inside, walk_files
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 RGB_DIR_NAMES = ("rgb", "visible", "vis", "optical", "color", "colour")
 TIR_DIR_NAMES = ("tir", "infrared", "ir", "thermal", "lwir")
@@ -211,7 +213,12 @@ def read_pair_csv(path: Path, dataset: str) -> tuple[list[PairSource], list[Reje
             reason = f"CSV line {line}: empty rgb or tir path"
             rejects.append(Reject(name, reason, None, row["rgb"] or None, row["tir"] or None))
             continue
-        rgb, tir = (str(path.parent / row[side]) for side in ("rgb", "tir"))
+        inner = [relpath_inside(path.parent, row[side]) for side in ("rgb", "tir")]
+        if None in inner:
+            reason = f"CSV line {line}: {OUTSIDE} (the CSV's folder)"
+            rejects.append(Reject(name, reason, None, row["rgb"], row["tir"]))
+            continue
+        rgb, tir = (str(path.parent / rel) for rel in inner)
         rel = os.path.splitext(row["rgb"].replace("\\", "/"))[0]
         key = make_key(name, row["key"]) if row.get("key") else make_key(name, rel)
         stem = Path(row["rgb"]).stem
@@ -284,19 +291,19 @@ def dataset_name(name: str) -> str:
 def _images_by_stem(folder: Path, dataset: str, side: str) -> tuple[dict[str, str], list[Reject]]:
     by_stem: dict[str, list[str]] = defaultdict(list)
     rejects = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        # One relpath per folder, not per file: it dominates listing large corpora.
-        rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        folder_prefix = os.path.join(dirpath, "")
-        for name in sorted(filenames):
-            stem, suffix = _split_extension(name)
-            if suffix.lower() not in IMAGE_SUFFIXES:
-                reason = f"not an image file (extension {suffix or 'none'!r})"
-                rejects.append(Reject(dataset, reason, **{side: folder_prefix + name}))
-                continue
-            by_stem[prefix + stem].append(folder_prefix + name)
+    folder_prefix = os.path.join(folder, "")
+    for rel, problem in walk_files(folder):
+        if problem:
+            rejects.append(Reject(dataset, problem, **{side: folder_prefix + rel}))
+            continue
+        slash = rel.rfind("/") + 1
+        stem, suffix = _split_extension(rel[slash:])
+        stem = rel[:slash] + stem
+        if suffix.lower() not in IMAGE_SUFFIXES:
+            reason = f"not an image file (extension {suffix or 'none'!r})"
+            rejects.append(Reject(dataset, reason, **{side: folder_prefix + rel}))
+            continue
+        by_stem[stem].append(folder_prefix + rel)
     files = {}
     for stem, paths in by_stem.items():
         if len(paths) == 1:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,21 @@ def write_report(run_dir: str | Path) -> Path:
     with atomic_output(run_dir / REPORT_HTML, durable=False) as handle:
         handle.write(page.encode())
     return run_dir / REPORT_HTML
+
+
+def write_report_or_warn(run_dir: str | Path) -> Path | None:
+    """`write_report`, for the end of a run whose data are already complete: a failure
+    while drawing is printed in one line and the run still finishes (`tirsynth report`
+    draws it again later), so no run is ever lost to its report."""
+    try:
+        return write_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - any drawing failure, the data are safe
+        print(
+            f"warning: could not draw {Path(run_dir) / REPORT_HTML} ({type(error).__name__}: "
+            f"{error}); the run's data are complete; `tirsynth report {run_dir}` draws it again",
+            file=sys.stderr,
+        )
+        return None
 
 
 def write_overview(target: Path, outputs: dict[str, Path]) -> Path:
@@ -532,10 +548,25 @@ def _plot_lines(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, 
 def _plot_hist(series: dict[str, list[float]], xlabel: str):
     fig, ax = _axes()
     for name, values in series.items():
-        if len(values):
-            ax.hist(values, bins=min(40, max(5, len(values) // 2)), alpha=0.7, label=name or None)
+        ax.hist(*hist_bins(values), alpha=0.7, label=name or None)
     ax.set(xlabel=xlabel, ylabel="images")
     return _png(fig)
+
+
+def hist_bins(values) -> tuple[np.ndarray, np.ndarray]:
+    """(finite values, bin edges) for any data: none, one, equal values or values a
+    rounding error apart (where numpy's own edges would fail) get one bin of a visible
+    width around them."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not len(finite):
+        return finite, np.array([0.0, 1.0])
+    low, high = float(finite.min()), float(finite.max())
+    bins = min(40, max(5, len(finite) // 2))
+    if high - low <= 1e-9 * max(1.0, abs(low), abs(high)) * bins:
+        half = max(1e-3 * abs(low), 1e-6)
+        return finite, np.array([low - half, high + half])
+    return finite, np.linspace(low, high, bins + 1)
 
 
 def _plot_box(series: dict[str, list[float]], ylabel: str):
@@ -586,11 +617,11 @@ def _data_uri(png: bytes) -> str:
 
 
 def _stats(values) -> tuple:
-    return (
-        (float(np.mean(values)), float(np.min(values)), float(np.max(values)))
-        if len(values)
-        else (None,) * 3
-    )
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not len(finite):
+        return (None,) * 3
+    return float(np.mean(finite)), float(np.min(finite)), float(np.max(finite))
 
 
 def _fmt(value: Any) -> str:

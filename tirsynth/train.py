@@ -42,7 +42,7 @@ from tirsynth.inference import iter_pairs
 from tirsynth.losses import discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
-from tirsynth.report import write_report
+from tirsynth.report import write_report_or_warn
 from tirsynth.shards import atomic_output, write_json
 
 CHECKPOINTS = "checkpoints"
@@ -117,7 +117,7 @@ def run(
             "val": state["val"],
         },
     )
-    write_report(out)
+    write_report_or_warn(out)
     return TrainResult(
         out,
         state["step"],
