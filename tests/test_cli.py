@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE
+from PIL import Image
 
 from tirsynth.cli import cli
 
@@ -285,3 +286,41 @@ def test_generate_and_evaluate_use_the_builtin_model_in_an_empty_folder(
     evaluated = CliRunner().invoke(cli, ["evaluate", "--data", "pairs", "--out", "evaluation"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "using the built-in model" in evaluated.output
+
+
+def test_io_faults_are_one_line_also_from_inside_ray_tasks(tmp_path, ray_session):
+    import errno
+
+    import click
+    import ray
+
+    from tirsynth.cli import user_errors
+
+    @ray.remote
+    def write_on_a_full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/tir-1.tar")
+
+    with pytest.raises(click.ClickException) as caught, user_errors():
+        ray.get(write_on_a_full_disk.remote())
+    message = caught.value.message
+    assert message.startswith("No space left on device: /data/out/tir-1.tar.")
+    assert "same command finishes the job" in message and "\n" not in message
+    with pytest.raises(RuntimeError), user_errors():  # not an I/O fault: left as it is
+        raise RuntimeError("a bug")
+
+
+def test_an_output_below_a_regular_file_is_one_line(tmp_path, tiny_checkpoint, ray_session):
+    (tmp_path / "file").write_text("x")
+    below = str(tmp_path / "file" / "sub")
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (20, 10)).save(source / "a.png")
+    runner = CliRunner()
+    for args in (
+        ["generate", "--input", str(source), "--out", below, "--checkpoint", str(tiny_checkpoint)],
+        ["ingest", str(source), "--out", below],
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert "Not a directory" in result.output and "Traceback" not in result.output, args
+        assert len(result.output.strip().splitlines()) == 1

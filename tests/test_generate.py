@@ -647,3 +647,78 @@ def test_export_writes_only_inside_to_whatever_the_shards_say(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "out", "yolo"]
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["to"]
     assert (to / "escaped" / "images" / "train" / "img 0.png").is_file()
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["index fragment", "rejects fragment", "deleted shard",
+                                    "truncated shard"])  # fmt: skip
+def test_damage_is_named_in_one_line_and_repaired_by_a_rerun(
+    tmp_path, tiny_checkpoint, ray_session, damage
+):
+    from click.testing import CliRunner
+
+    from tirsynth.cli import cli
+
+    source = tmp_path / "in"
+    for i in range(6):
+        write_image(source / f"im{i}.png", (30, 20), i)
+    (source / "notes.txt").write_text("a reject")
+    out = tmp_path / "out"
+    cfg = generate_cfg(source, out, tiny_checkpoint)
+    first = generate.run(cfg, progress=False)
+    shard = sorted(out.glob("tir-*.tar"))[1]
+    untouched = {p.name: p.read_bytes() for p in out.glob("tir-*.tar") if p != shard}
+    if damage == "index fragment":
+        truncate(out / "index.parquet" / f"{shard.stem}.parquet")
+    elif damage == "rejects fragment":
+        truncate(next((out / "rejects.parquet").glob("*.parquet")))
+    elif damage == "deleted shard":
+        shard.unlink()
+    else:
+        truncate(shard)
+    runner = CliRunner()
+    info = runner.invoke(cli, ["info", str(out)])
+    exported = runner.invoke(cli, ["export", str(out), "--to", str(tmp_path / "x")])
+    if damage.endswith("shard"):
+        assert info.exit_code == 0 and "damaged: 1 shards missing" in info.output
+        assert shard.name in info.output
+        assert exported.exit_code == 1 and not (tmp_path / "x").exists()
+    else:
+        assert info.exit_code == 1
+        assert "damaged Parquet file" in info.output and "Traceback" not in info.output
+    if damage == "rejects fragment":  # export reads no rejects: it has all it needs
+        assert exported.exit_code == 0
+    else:
+        assert exported.exit_code == 1 and "again" in exported.output
+        assert len(exported.output.strip().splitlines()) == 1
+    leftovers = [out / "grids" / ".sample.png.x1y2.tmp", out / "index.parquet" / ".f.tmp"]
+    for leftover in leftovers:  # what a kill during the report or a commit leaves
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_bytes(b"partial")
+    again = generate.run(cfg, progress=False)
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert again.total == first.total == 6 and len(again.rejects) == 1
+    assert again.generated == (0 if damage == "rejects fragment" else 2)
+    assert {p.name: p.read_bytes() for p in out.glob("tir-*.tar") if p.name in untouched} \
+        == untouched  # fmt: skip
+    assert runner.invoke(cli, ["export", str(out), "--to", str(tmp_path / "y")]).exit_code == 0
+    assert len(list((tmp_path / "y").glob("*.png"))) == 6
+
+
+def test_weights_that_do_not_fit_their_config_fail_before_anything_starts(
+    tmp_path, tiny_checkpoint
+):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state["config"]["model"]["ngf"] *= 2
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state, wrong)
+    write_image(tmp_path / "in" / "a.png", (20, 10), 0)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="do not fit the model of its config") as caught:
+        generate.run(generate_cfg(tmp_path / "in", out, wrong), progress=False)
+    assert "\n" not in str(caught.value) and str(wrong) in str(caught.value)
+    assert not out.exists()  # not claimed: the same --out works once the weights are right
+    generate.check_generator_weights(load_checkpoint(tiny_checkpoint), tiny_checkpoint)

@@ -89,3 +89,31 @@ def test_pipeline_file_errors(tmp_path):
     bad.write_text("stages:\n  - train: {config: '${nope}'}\n")
     with pytest.raises(ValueError, match=r"\$\{nope\} is not defined"):
         pipeline.run(bad)
+
+
+def test_every_stage_is_checked_before_the_first_runs_and_a_failure_is_recorded(
+    tmp_path, monkeypatch
+):
+    from conftest import SAMPLE
+
+    monkeypatch.chdir(PIPELINES.parent)
+    sample = SAMPLE / "roadscene"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        f"out: {tmp_path / 'run'}\nstages:\n"
+        f"  - ingest: {{name: data, sources: ['{sample}']}}\n"
+        "  - generate: {name: gen, input: data, checkpoint: builtin, shard_sise: 4}\n"
+    )
+    with pytest.raises(ValueError, match=r"stage 2 \(gen\): unknown config key 'shard_sise'"):
+        pipeline.run(typo, progress=False)
+    assert not (tmp_path / "run").exists()  # the first stage did not run
+
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(
+        f"out: {tmp_path / 'run2'}\nstages:\n"
+        f"  - ingest: {{name: data, sources: ['{tmp_path / 'no-such-dataset'}']}}\n"
+    )
+    with pytest.raises(Exception, match="no-such-dataset"):
+        pipeline.run(failing, progress=False)
+    state = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
+    assert state["data"]["status"] == "failed" and "no-such-dataset" in state["data"]["error"]

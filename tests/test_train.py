@@ -204,7 +204,14 @@ def test_resume_is_exact(learnable_shards, tmp_path, loader_workers):
     whole = train.run(cfg, learnable_shards, tmp_path / "whole", progress=False)
     half = tiny_cfg("train.epochs=5", "train.max_steps=7", workers)
     train.run(half, learnable_shards, tmp_path / "split", progress=False)
+    # What a kill during a checkpoint or a report leaves: removed by the resume.
+    leftovers = [tmp_path / "split" / "checkpoints" / ".latest.pt.k2j3.tmp",
+                 tmp_path / "split" / "grids" / ".step_7.png.a8b.tmp"]  # fmt: skip
+    for leftover in leftovers:
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_bytes(b"partial")
     resumed = train.run(cfg, learnable_shards, tmp_path / "split", resume=True, progress=False)
+    assert not any(leftover.exists() for leftover in leftovers)
     assert whole.step == resumed.step == 14 and whole.epoch == 1
     a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
     for part in ("generator", "discriminator"):

@@ -146,6 +146,33 @@ def checkpoint_config(state: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, state["config"])
 
 
+def check_generator_weights(state: dict[str, Any], source: str | Path) -> None:
+    """Raise a one-line ValueError when a checkpoint's generator weights do not fit the model
+    its config describes (checked on the meta device: no memory, no compute), so that a
+    mismatch is found on the driver before any worker starts."""
+    with torch.device("meta"):
+        expected = build_generator(checkpoint_config(state).model).state_dict()
+    weights = state.get("generator_ema", state["generator"])
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        *(f"missing {k}" for k in missing[:2]),
+        *(f"unexpected {k}" for k in unexpected[:2]),
+        *wrong[:2],
+    ]
+    if problems:
+        count = len(missing) + len(unexpected) + len(wrong)
+        raise ValueError(
+            f"{source}: the generator weights do not fit the model of its config "
+            f"({count} tensors differ: {'; '.join(problems)})"
+        )
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The trained generator of a checkpoint, in eval mode on `device`, and the checkpoint:
     its averaged weights when training kept an average (`train.ema_power`).

@@ -141,7 +141,8 @@ def info(root, as_json) -> None:
     day/night), TIR shards, a training run, an evaluation or a pipeline's output."""
     from tirsynth import folders
 
-    summary = folders.describe(root)
+    with user_errors():
+        summary = folders.describe(root)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -174,6 +175,13 @@ def info(root, as_json) -> None:
             if name not in ("kind", "root"):
                 click.echo(f"  {name}: {json.dumps(value) if isinstance(value, dict) else value}")
         return
+    if summary.get("damaged_shards"):
+        damaged = summary["damaged_shards"]
+        click.echo(
+            f"  damaged: {len(damaged)} shards missing or not the size committed "
+            f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); run the "
+            "command that wrote this folder again with the same options to redo them"
+        )
     for title, field in sections:
         counts = summary[field]
         if counts:
@@ -595,11 +603,34 @@ def _load(path, cls, overrides):
 
 @contextmanager
 def user_errors(*extra: type[Exception]) -> Iterator[None]:
-    """Errors a user can act on (bad input, missing or existing files) as a clean message."""
+    """Errors a user can act on as one line: bad input, missing or existing files, and any
+    I/O fault (a full disk, a read-only or forbidden folder, a file where a folder should
+    be), also when it happened inside a Ray task or actor."""
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError, *extra) as err:
         raise click.ClickException(str(err)) from err
+    except Exception as err:
+        fault = io_fault(err)
+        if fault is None:
+            raise
+        raise click.ClickException(fault) from err
+
+
+def io_fault(error: BaseException) -> str | None:
+    """One line for an OSError anywhere in `error`'s chain of causes (Ray wraps a task's
+    exception as `cause`), or None when there is none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            where = f": {error.filename}" if error.filename else ""
+            return (
+                f"{error.strerror or os.strerror(error.errno)}{where}. Nothing committed is "
+                "lost; once this is fixed, the same command finishes the job"
+            )
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def _print_ingest_summary(result) -> None:

@@ -96,6 +96,7 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
             bar.update(len(batch))
         bar.close()
     out.mkdir(parents=True, exist_ok=True)
+    shards.remove_temporaries(out)  # of a killed evaluation into the same folder
     shards.write_table(out / PER_IMAGE, per_image)
     results = {
         m["name"]: summarize([r for r in per_image if r["model"] == m["name"]]) for m in models

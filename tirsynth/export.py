@@ -9,6 +9,7 @@ checked to lie inside `to`, whatever the shards say (`containment.target_inside`
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,11 +32,20 @@ def run(generated: str | Path, to: str | Path, progress: bool = True) -> int:
         raise ValueError(f"{generated} is not the output of `tirsynth generate`")
     if manifest["status"] != "complete":
         raise ValueError(f"{generated}: generation is incomplete; run it again to finish it")
-    shard_column = shards.read_arrow(generated / shards.INDEX, ["shard"])["shard"]
+    index = shards.read_arrow(generated / shards.INDEX, ["shard", "shard_bytes"])
+    damaged = shards.damaged_shards(generated, index)
+    if damaged:  # found before anything is written
+        raise shards.damaged(
+            generated / damaged[0].split(" ")[0],
+            f"{len(damaged)} shards missing or not the size committed, this one "
+            f"{damaged[0].split(' ', 1)[1]}",
+            "export wrote nothing",
+        )
+    shard_column = index["shard"]
     written = 0
     bar = tqdm(total=len(shard_column), disable=not progress, unit="img", desc="export")
     for shard in sorted(shard_column.unique().to_pylist()):
-        for sample in shards.read_shard(generated / shard):
+        for sample in _samples(generated / shard):
             record = json.loads(sample["json"])
             _write(target_inside(to, output_relpath(record["relpath"])), sample["tir.png"])
             yolo = record["labels"].get("yolo")
@@ -53,6 +63,13 @@ def run(generated: str | Path, to: str | Path, progress: bool = True) -> int:
             if inside(source, dataset_yaml):  # a link to a file elsewhere is not copied out
                 _write(target_inside(to, dataset_yaml.name), dataset_yaml.read_bytes())
     return written
+
+
+def _samples(shard: Path):
+    try:
+        yield from shards.read_shard(shard)
+    except (tarfile.TarError, ValueError, KeyError, EOFError) as error:
+        raise shards.damaged(shard, "damaged tar", error) from error
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -39,11 +39,14 @@ def describe(root: str | Path) -> dict[str, Any]:
 
 
 def _generated(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    index = shards.read_arrow(root / shards.INDEX, ["shard"])
+    index = shards.read_arrow(root / shards.INDEX, ["shard", "shard_bytes"])
     rejects = shards.read_rejects(root)
+    damaged = shards.damaged_shards(root, index)
+    status = manifest.get("status", "unknown")
     return {
         "root": str(root),
-        "status": manifest.get("status", "unknown"),
+        "status": f"damaged (was {status})" if damaged else status,
+        "damaged_shards": damaged,
         "outputs": len(index),
         "shards": len({shard for (shard,) in shards.value_rows(index, ["shard"])}),
         "input": manifest.get("input"),

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from tirsynth import __version__, cluster, images, inference, metrics, shards
 from tirsynth.checkpoint import (
     WEIGHTS_SUFFIX,
+    check_generator_weights,
     checkpoint_config,
     load_checkpoint,
     weights_bytes,
@@ -100,6 +101,7 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     """
     checkpoint = inference.resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
+    check_generator_weights(state, checkpoint)  # here, not in every actor after Ray starts
     train_cfg = checkpoint_config(state)
     # What the run needs of the checkpoint: the generator's weights alone, at full
     # precision, for the actors (on a cluster the checkpoint's path exists only on this

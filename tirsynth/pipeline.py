@@ -49,6 +49,7 @@ BUILTIN_REF = "builtin"  # a checkpoint reference: the model shipped in the pack
 def run(path: str | Path, variables: dict[str, Any] | None = None, progress: bool = True):
     """Run the pipeline file `path`; returns {stage name: its output path}."""
     spec = load_pipeline(path, variables or {})
+    validate(spec)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     state = json.loads((out / STATE).read_text()) if (out / STATE).exists() else {}
@@ -81,7 +82,12 @@ def run(path: str | Path, variables: dict[str, Any] | None = None, progress: boo
             }
             shards.write_json(out / STATE, state)
             started = time.time()
-            STAGES[kind](options, target, outputs, spec, resume, progress)
+            try:
+                STAGES[kind](options, target, outputs, spec, resume, progress)
+            except BaseException as error:  # a kill (KeyboardInterrupt) is a failure too
+                state[name].update(status="failed", error=f"{type(error).__name__}: {error}")
+                shards.write_json(out / STATE, state)
+                raise
             state[name].update(status="complete", seconds=time.time() - started)
             shards.write_json(out / STATE, state)
         outputs[name], fingerprints[name] = target, fingerprint
@@ -108,6 +114,36 @@ def load_pipeline(path: str | Path, variables: dict[str, Any]) -> dict[str, Any]
         kind, options = next(iter(item.items()))
         stages.append((kind, _substitute(options or {}, values)))
     return {"out": _substitute(raw.get("out", "runs/pipeline"), values), "stages": stages}
+
+
+def validate(spec: dict[str, Any]) -> None:
+    """Check every stage's options before the first stage runs, so that a typo in the last
+    stage does not cost the hours of the first ones.
+
+    Raises:
+        ValueError: naming the stage and what is wrong with its options.
+    """
+    placeholder = "/nonexistent/checked-later"
+    for number, (kind, options) in enumerate(spec["stages"], start=1):
+        name = options.get("name", kind)
+        options = {k: v for k, v in options.items() if k != "name"}
+        try:
+            if kind == "ingest":
+                from_dict(IngestConfig, {**options, "out": placeholder})
+            elif kind == "train":
+                extra = set(options) - {"config", "set", "data", "workers"}
+                _no_more(dict.fromkeys(extra), "train")
+                if "config" not in options or "data" not in options:
+                    raise ValueError("train stage: needs config and data")
+                load_config(options["config"], TrainConfig, list(options.get("set", [])))
+            elif kind == "generate":
+                from_dict(GenerateConfig, {**options, "out": placeholder})
+            elif kind == "evaluate":
+                from_dict(EvaluateConfig, {**options, "out": placeholder})
+            elif options:
+                _no_more(options, kind)
+        except (ValueError, TypeError, KeyError, FileNotFoundError) as error:
+            raise ValueError(f"stage {number} ({name}): {error}; no stage was run") from error
 
 
 def _ingest(options, target, outputs, spec, resume, progress) -> None:

@@ -244,11 +244,38 @@ def read_table(path: Path, columns: list[str] | None = None) -> list[dict[str, A
     return read_arrow(path, columns).to_pylist()
 
 
-def read_arrow(path: Path, columns: list[str] | None = None) -> pa.Table:
+class DamagedFile(ValueError):
+    """A file tirsynth wrote is truncated, corrupt or gone; the message names it and says
+    that running the command that wrote it again repairs it."""
+
+
+def damaged(path: Path, what: str, error: object) -> DamagedFile:
+    folder = path.parent.parent if path.parent.name in (INDEX, REJECTS) else path.parent
+    return DamagedFile(
+        f"{path}: {what} ({error}); run the command that wrote {folder} again with the "
+        "same options: it removes what is damaged and redoes those items, nothing else"
+    )
+
+
+def read_arrow(
+    path: Path, columns: list[str] | None = None, skip_damaged: list[Path] | None = None
+) -> pa.Table:
     """A table (folder of fragments, or one Parquet file) as Arrow columns: a tenth of the
-    memory of its rows as Python dicts, for what reads a whole corpus's index."""
+    memory of its rows as Python dicts, for what reads a whole corpus's index.
+
+    Raises:
+        DamagedFile: a fragment cannot be read; with `skip_damaged`, such fragments are
+            appended to it and left out instead.
+    """
     if path.is_dir():
-        parts = [_read_parquet(p, columns) for p in fragments(path)]
+        parts = []
+        for fragment in fragments(path):
+            try:
+                parts.append(_read_parquet(fragment, columns))
+            except DamagedFile:
+                if skip_damaged is None:
+                    raise
+                skip_damaged.append(fragment)
         if parts:
             return pa.concat_tables(parts, promote_options="permissive")
         return _empty_table(columns or [])
@@ -271,11 +298,14 @@ def fragments(table: Path) -> list[Path]:
 def _read_parquet(path: Path, columns: list[str] | None) -> pa.Table:
     # One open handle: reading by path may open the file twice and mix two versions of
     # a table that a writer replaced in between.
-    with open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        if columns is not None:
-            columns = [c for c in columns if c in parquet.schema_arrow.names]
-        return parquet.read(columns=columns)
+    try:
+        with open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            if columns is not None:
+                columns = [c for c in columns if c in parquet.schema_arrow.names]
+            return parquet.read(columns=columns)
+    except (pa.ArrowException, EOFError) as error:
+        raise damaged(path, "damaged Parquet file", error) from error
 
 
 def read_index(root: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
@@ -288,7 +318,14 @@ def read_rejects(root: str | Path) -> list[dict[str, Any]]:
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedFile(
+            f"{path}: damaged ({error}); move {path.parent} aside and run the command again"
+        ) from error
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -312,8 +349,13 @@ def summarize(root: str | Path) -> dict[str, Any]:
     """Counts of a pair-shard folder: by split, dataset and day/night; rejects by reason."""
     status = (read_manifest(root) or {}).get("status", "unknown")
     counts = PairCounts()
-    counts.add_table(read_arrow(Path(root) / INDEX, list(COUNTED)))
-    return count_pairs(root, counts, read_rejects(root), status)
+    index = read_arrow(Path(root) / INDEX, [*COUNTED, "shard_bytes"])
+    counts.add_table(index)
+    summary = count_pairs(root, counts, read_rejects(root), status)
+    summary["damaged_shards"] = damaged_shards(Path(root), index)
+    if summary["damaged_shards"]:
+        summary["status"] = f"damaged (was {status})"
+    return summary
 
 
 class PairCounts:
@@ -416,7 +458,13 @@ def prepare_output(
         return _empty_table(["key"])
     for table in (INDEX, REJECTS):
         _split_into_fragments(out, table)
-    index = read_arrow(out / INDEX)
+    broken_fragments: list[Path] = []
+    index = read_arrow(out / INDEX, skip_damaged=broken_fragments)
+    read_arrow(out / REJECTS, ["key"], skip_damaged=broken_fragments)
+    for fragment in broken_fragments:  # their shard is then an orphan: redone below
+        print(f"repairing {out}: removed damaged {fragment.parent.name}/{fragment.name}; "
+              "its items are done again")  # fmt: skip
+        fragment.unlink()
     if not len(index):
         index = _empty_table(["key"])
     intact, broken = set(), set()
@@ -429,14 +477,10 @@ def prepare_output(
             (out / INDEX / f"{Path(shard).stem}.parquet").unlink()  # its samples are redone
     if broken:
         index = index.filter(pc.is_in(index["shard"], pa.array(sorted(intact), pa.string())))
-    for table in (INDEX, REJECTS):
-        for path in (out / table).glob(".*.tmp") if (out / table).is_dir() else ():
-            path.unlink()
+    remove_temporaries(out)  # in every subfolder: fragments, grids, a listing
     for path in ours:
-        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
-        orphan = path.suffix == ".tar" and path.name not in intact
-        if stale_tmp or orphan:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.exists() and path.suffix == ".tar" and path.name not in intact:
+            path.unlink()  # an orphan: its samples are redone
     return index
 
 
@@ -474,6 +518,39 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Remove what killed writers left anywhere under `folder`: `atomic_output`'s hidden
+    `.<name>.<random>.tmp` files and tirsynth's hidden `.<name>.tmp` folders. Only a run
+    that owns `folder` (holds its lock, or is the one run of it) may call this.
+
+    Returns:
+        How many were removed.
+    """
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in [*filenames, *dirnames]:
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = Path(dirpath) / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed += 1
+        dirnames[:] = [d for d in dirnames if not (d.startswith(".") and d.endswith(".tmp"))]
+    return removed
+
+
+def damaged_shards(root: Path, index: pa.Table) -> list[str]:
+    """Shards the index names that are missing or whose size is not the one committed
+    (truncated, or rewritten): one line each."""
+    if not len(index) or "shard_bytes" not in index.column_names:
+        return []
+    problems = []
+    for shard, size in sorted(set(value_rows(index, ["shard", "shard_bytes"]))):
+        found = file_size(root / shard)
+        if found != size:
+            what = "missing" if found < 0 else f"{found} bytes, {size} committed"
+            problems.append(f"{shard} ({what})")
+    return problems
 
 
 def file_size(path: Path) -> int:

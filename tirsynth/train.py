@@ -43,7 +43,7 @@ from tirsynth.losses import discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
 from tirsynth.report import write_report_or_warn
-from tirsynth.shards import atomic_output, write_json
+from tirsynth.shards import atomic_output, remove_temporaries, write_json
 
 CHECKPOINTS = "checkpoints"
 STATS = "stats.jsonl"
@@ -146,6 +146,7 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
                 f"not {to_dict(cfg.model)}"
             )
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)  # partial checkpoints and grids of a killed run
     (out / DIVERGED).unlink(missing_ok=True)  # left by a driver that was killed
     with atomic_output(out / "config.yaml") as handle:
         handle.write(config_yaml(cfg).encode())
