@@ -192,7 +192,7 @@ def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_sessi
     assert "generated 8 images" in result.output and "structure" in result.output
     again = CliRunner().invoke(cli, args)
     assert "generated 0 images (8 in" in again.output
-    other = CliRunner().invoke(cli, [*args[:-2], "--size", "64"])
+    other = CliRunner().invoke(cli, [*args[:-2], "--long-side", "64"])
     assert other.exit_code == 1 and "--overwrite" in other.output
     exported = CliRunner().invoke(cli, ["export", str(out), "--to", str(folder)])
     assert exported.exit_code == 0 and sorted(p.stem for p in folder.iterdir()) == sorted(

@@ -108,3 +108,30 @@ def test_augmentation_crops_and_flips_rgb_and_tir_together(smooth_shards):
 def test_unknown_split_is_a_clear_error(smooth_shards):
     with pytest.raises(ValueError, match="no samples in split 'val'"):
         PairDataset(smooth_shards, "val")
+
+
+def test_working_scale_crops_keep_the_pixel_scale_of_inference(smooth_shards):
+    """With data.long_side, a 64x48 frame is resized to a long side of 128 (times up to
+    load/size of jitter) and cropped, not squeezed whole into the 36 square: the red ramp
+    of 4 levels per input pixel becomes about 2 per pixel, and the TIR stays registered."""
+    dataset = PairDataset(
+        smooth_shards, "train", image_size=32, load_size=36, long_side=128, augment=True
+    )
+    squeezed = PairDataset(smooth_shards, "train", image_size=32, load_size=36, augment=True)
+    for sample, old in zip(dataset, squeezed, strict=True):
+        assert sample["rgb"].shape == (3, 32, 32) and sample["tir"].shape == (1, 32, 32)
+        red = (sample["rgb"][0].double() + 1) * 127.5
+        steps = red.diff(dim=1).abs()
+        slope = steps[steps < 20].median().item()  # leave out the ramp's wrap to 0
+        assert 4 * 64 / (128 * 36 / 32) - 0.1 <= slope <= 4 * 64 / 128 + 0.1
+        old_steps = ((old["rgb"][0].double() + 1) * 127.5).diff(dim=1).abs()
+        assert old_steps[old_steps < 40].median().item() > 6  # 64 -> 36: 7 per pixel
+        rgb = (sample["rgb"].double() + 1) * 127.5
+        tir = (sample["tir"][0].double() + 1) * 127.5
+        assert (tir - (255 - rgb.mean(0))).abs().median().item() < 3  # registered
+
+
+def test_working_scale_pads_frames_shorter_than_the_crop(smooth_shards):
+    dataset = PairDataset(smooth_shards, "train", image_size=32, long_side=24, augment=True)
+    sample = next(iter(dataset))
+    assert sample["rgb"].shape == (3, 32, 32) and sample["tir"].shape == (1, 32, 32)

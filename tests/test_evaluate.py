@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from tirsynth import evaluate, shards
@@ -46,3 +47,42 @@ def test_missing_split_is_a_clear_error(tmp_path, learnable_shards, tiny_checkpo
     )
     with pytest.raises(ValueError, match="no samples in split 'test'"):
         evaluate.run(cfg, progress=False)
+
+
+def test_detail_metrics_see_blur_that_ssim_forgives():
+    """On a real TIR frame, a blurred copy keeps a high SSIM but loses edges: its edge ratio
+    falls well below 1 and its GMSD rises; a copy is perfect on every metric."""
+    from conftest import SAMPLE
+    from PIL import Image, ImageFilter
+
+    from tirsynth.quality import score
+
+    path = sorted((SAMPLE / "roadscene" / "cropinfrared").iterdir())[0]
+    real_image = Image.open(path).convert("L")
+    real = np.asarray(real_image)
+    blurred = np.asarray(real_image.filter(ImageFilter.GaussianBlur(2)))
+    same, blur = score(real, real.copy()), score(real, blurred)
+    assert same["gmsd"] == pytest.approx(0, abs=1e-6) and same["edge_ratio"] == pytest.approx(1)
+    assert same["lbp_distance"] == 0 and same["ssim"] == pytest.approx(1)
+    assert blur["ssim"] > 0.7 and blur["edge_ratio"] < 0.6
+    assert blur["gmsd"] > 0.05 and blur["lbp_distance"] > 0.2
+    sharpened = np.asarray(real_image.filter(ImageFilter.UnsharpMask(2, 200, 0)))
+    assert score(real, sharpened)["edge_ratio"] > 1.2
+
+
+def test_grids_are_native_with_a_zoom_where_the_real_tir_has_detail(tmp_path):
+    from PIL import Image
+
+    from tirsynth import quality
+
+    real = np.full((300, 400), 100, np.uint8)
+    real[200:230, 50:80] = np.indices((30, 30)).sum(0) % 2 * 255  # a checkerboard
+    output = np.full_like(real, 90)
+    rgb = np.zeros((300, 400, 3), np.uint8)
+    top, left = quality.busiest_window(real, 48)
+    assert 200 - 48 < top <= 200 and 50 - 48 < left <= 50
+    rows = quality.with_zoomed_crops([[rgb, real, output]], side=48, zoom=3)
+    assert [cell.shape[:2] for cell in rows[1]] == [(144, 144)] * 3
+    path = quality.write_image_grid(rows, tmp_path / "grid.png", height=None)
+    with Image.open(path) as grid:
+        assert grid.size == (3 * 400 + 2 * 4, 300 + 144 + 4)  # native, no scaling

@@ -159,7 +159,9 @@ def test_bright_square_edges_stay_in_place(tmp_path, tiny_checkpoint, ray_sessio
     (tmp_path / "in").mkdir()
     Image.fromarray(pixels).save(tmp_path / "in" / "square.png")
     generate.run(
-        generate_cfg(tmp_path / "in", tmp_path / "out", tiny_checkpoint, size=64, keep_rgb=True),
+        generate_cfg(
+            tmp_path / "in", tmp_path / "out", tiny_checkpoint, long_side=64, keep_rgb=True
+        ),
         progress=False,
     )
     sample = next(shards.read_shard(next((tmp_path / "out").glob("tir-*.tar"))))
@@ -722,3 +724,46 @@ def test_weights_that_do_not_fit_their_config_fail_before_anything_starts(
     assert "\n" not in str(caught.value) and str(wrong) in str(caught.value)
     assert not out.exists()  # not claimed: the same --out works once the weights are right
     generate.check_generator_weights(load_checkpoint(tiny_checkpoint), tiny_checkpoint)
+
+
+@pytest.mark.parametrize("canvas, tile", [(256, 128), (256, 64), (192, 64)])
+def test_tiled_frames_agree_with_whole_frames(tiny_checkpoint, canvas, tile):
+    """A frame too large for memory runs in overlapping tiles whose outputs are blended:
+    they agree with the whole frame's (to a grey level almost everywhere: the tiny model's
+    receptive field is a fraction of a tile), and no tile edge shows."""
+    from conftest import SAMPLE
+
+    generator, _ = inference.load_generator(tiny_checkpoint)
+    image = Image.open(sorted((SAMPLE / "roadscene" / "crop_LR_visible").iterdir())[0])
+    pixels, _ = inference.fit_to_square(image.convert("RGB"), canvas)
+    whole = inference.translate_squares(generator, pixels[None]).astype(int)
+    tiled = inference.translate_squares(generator, pixels[None], tile=tile).astype(int)
+    difference = np.abs(whole - tiled)
+    assert difference.mean() < 0.2 and np.percentile(difference, 99) <= 1
+    assert difference.max() <= 4
+
+
+def test_the_working_scale_comes_from_the_checkpoint_and_keeps_output_sizes(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    """A checkpoint trained at data.long_side L: generate scales each frame's long side to L
+    (padded to a multiple of 2**depth), unless --long-side says otherwise; outputs keep the
+    input's exact size."""
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state["config"]["data"]["long_side"] = 72
+    scaled = tmp_path / "scaled.pt"
+    torch.save(state, scaled)
+    for i, size in enumerate(SIZES):
+        write_image(tmp_path / "in" / f"{i}.png", size, i)
+    for long_side, expected in ((None, (80, 72)), (40, (48, 40))):
+        out = tmp_path / f"out-{long_side}"
+        cfg = generate_cfg(tmp_path / "in", out, scaled, long_side=long_side)
+        result = generate.run(cfg, progress=False)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert (manifest["size"], manifest["long_side"]) == expected
+        assert result.generated == len(SIZES)
+        folder = tmp_path / f"files-{long_side}"
+        export.run(out, folder, progress=False)
+        for i, size in enumerate(SIZES):
+            with Image.open(folder / f"{i}.png") as output:
+                assert output.size == size

@@ -85,6 +85,32 @@ def test_three_channel_generator_learns_the_tir_in_every_channel(learnable_shard
     assert abs(losses["g_intensity"] / losses["g_l1"] - 0.3) > 1e-3
 
 
+def test_feature_matching_pulls_g_towards_ds_view_of_the_real_pair(learnable_shards):
+    """loss.feature_matching: L1 between D's activations on the real and the generated
+    pair, layer by layer, as a G term; D's own step is unchanged."""
+    cfg = tiny_cfg("loss.feature_matching=10")
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
+                                                  batch_size=3)))  # fmt: skip
+    rgb, tir = batch["rgb"], batch["tir"]
+    logits, features = disc(rgb, tir, features=True)
+    assert torch.equal(logits, disc(rgb, tir)) and len(features) == cfg.model.disc_layers + 1
+    with torch.no_grad():
+        expected = 10 * sum(
+            (f - r).abs().mean()
+            for f, r in zip(disc(rgb, gen(rgb), features=True)[1], features, strict=True)
+        ) / len(features)  # fmt: skip
+    assert expected > 0
+    losses = train.train_step(
+        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
+        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
+        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+    )  # fmt: skip
+    assert math.isfinite(losses["g_feature_matching"]) and losses["g_feature_matching"] > 0
+    total = sum(v for k, v in losses.items() if k.startswith("g_"))
+    assert losses["g"] == pytest.approx(total, rel=1e-5)
+
+
 def test_power_ema_weights_later_steps_more(learnable_shards, tmp_path):
     cfg = tiny_cfg("train.max_steps=12", "train.epochs=100", "train.ema_power=3")
     result = train.run(cfg, learnable_shards, tmp_path / "ema", progress=False)

@@ -225,6 +225,7 @@ def bench_generate(
     precision: str,
     limit: int = 0,
     shard_size: int = 16,
+    long_side: int | None = None,
 ) -> Iterator[str]:
     """End-to-end generation images/s against the bare generator forward pass.
 
@@ -237,7 +238,7 @@ def bench_generate(
     import torch
 
     from tirsynth import cluster, generate, inference
-    from tirsynth.checkpoint import load_checkpoint
+    from tirsynth.checkpoint import checkpoint_config, load_checkpoint
     from tirsynth.config import GenerateConfig
 
     with tempfile.TemporaryDirectory(prefix="tirsynth-bench-") as scratch:
@@ -245,10 +246,13 @@ def bench_generate(
         checkpoint = Path(checkpoint) if checkpoint else _random_checkpoint(scratch)
         source_dir = _image_subset(Path(source), limit, scratch / "input")
         count = sum(1 for _ in source_dir.rglob("*") if _.is_file())
-        size = load_checkpoint(checkpoint)["config"]["data"]["image_size"]
+        train_cfg = checkpoint_config(load_checkpoint(checkpoint))
+        geometry = generate.model_geometry(GenerateConfig(long_side=long_side), train_cfg)
+        size = geometry[0]
         translator = inference.Translator(str(checkpoint), precision)
         yield (
-            f"checkpoint {checkpoint.name}, {count} images, model side {size}, batch "
+            f"checkpoint {checkpoint.name}, {count} images, frames at long side {geometry[1]} "
+            f"in a model-side square of {size}, batch "
             f"{batch_size}, precision {translator.precision}, {torch.get_num_threads()} threads"
         )
         bare = _bare_images_per_s(translator, batch_size, size)
@@ -260,6 +264,7 @@ def bench_generate(
             cpu_batch=batch_size,
             shard_size=shard_size,
             precision=precision,
+            long_side=long_side,
         )
         # Two runs in one Ray: the first pays for starting its worker processes (and is
         # what a user's single run costs), the second finds them started.
@@ -377,8 +382,8 @@ def _same_work_in_one_process(
     corpus = discover_corpus(cfg.input)
     done = pa.array([], pa.string())
     listing = write_listing(corpus, scratch / "listing", done, cpu_batch)
-    size = checkpoint_config(state).data.image_size
-    stages = generate.stage_options(cfg, corpus, listing, size, state["tir_stats"])
+    geometry = generate.model_geometry(cfg, checkpoint_config(state))
+    stages = generate.stage_options(cfg, corpus, listing, geometry, state["tir_stats"])
     Path(cfg.out).mkdir(parents=True)
     threads = torch.get_num_threads()
     try:

@@ -266,7 +266,15 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
 )
 @precision_option
 @click.option(
-    "--size", type=click.IntRange(min=1), help="Model-side square [the checkpoint's training crop]."
+    "--long-side",
+    type=click.IntRange(min=1),
+    help="Scale each frame so its long side has this many pixels for the model [the "
+    "checkpoint's working scale].",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=1),
+    help="Frames whose model-side square is larger run in overlapping tiles [1024].",
 )
 @click.option("--keep-rgb", is_flag=True, default=None, help="Also store each input RGB.")
 @click.option(
@@ -531,8 +539,9 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
 @click.option("--shared", default="../shared/data", show_default=True, type=click.Path())
 @click.option("--out", default="runs/bench-quality", show_default=True, type=click.Path())
 def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy, shared, out):
-    """Train a config on the shared pairs for a fixed budget per seed; print SSIM, PSNR and
-    LBP on a fixed test split (overall, by dataset, day/night) beside the luma baselines."""
+    """Train a config on the shared pairs for a fixed budget per seed; print SSIM, PSNR,
+    GMSD, edge ratio and LBP-histogram distance at each image's own size on a fixed test
+    split (overall, by dataset, day/night) beside the luma baselines."""
     from tirsynth import bench_quality as quality_bench
 
     bench = quality_bench.QualityBench(
@@ -570,11 +579,19 @@ def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy,
     type=click.IntRange(min=0),
     help="Use only the first N images (0: all).",
 )
-def bench_generate(source, checkpoint, batch_size, precision, limit) -> None:
+@click.option(
+    "--long-side",
+    type=click.IntRange(min=1),
+    help="Frames' long side for the model [the checkpoint's working scale].",
+)
+def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) -> None:
     """Generation images/s end to end against the bare generator forward pass."""
     from tirsynth import bench as bench_module
 
-    for line in bench_module.bench_generate(source, checkpoint, batch_size, precision, limit):
+    lines = bench_module.bench_generate(
+        source, checkpoint, batch_size, precision, limit, long_side=long_side
+    )
+    for line in lines:
         click.echo(line)
 
 

@@ -99,10 +99,13 @@ class LossConfig:
     # The gradient loss compares Sobel magnitudes (the paper's GRA) or the derivatives.
     gradient_of: Literal["magnitude", "derivatives"] = "magnitude"
     gan_mode: Literal["vanilla", "lsgan"] = "vanilla"  # vanilla: non-saturating BCE
+    # L1 between D's activations on the real and on the generated pair, layer by layer
+    # (pix2pixHD's feature matching, weight 10 there): D's view of texture, for G.
+    feature_matching: float = 0.0
 
     def __post_init__(self) -> None:
         check_literals(self)
-        for name in ("gan", "l1", "gradient", "intensity", "ssim"):
+        for name in ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -116,6 +119,10 @@ class DataConfig:
 
     image_size: int = 256  # side of the square crop the model sees; divisible by 2**depth
     load_size: int | None = None  # resize before the random crop; None: image_size * 286/256
+    # The working scale: each frame is resized so that its long side has this many pixels,
+    # for training (random image_size crops of it) and at inference (the whole frame).
+    # None: the paper's geometry, whole frames squeezed into the image_size square.
+    long_side: int | None = None
     augment: bool = True  # pix2pix: resize, random crop, horizontal flip
     loader_workers: int = 1  # DataLoader processes per training worker
     shuffle_buffer: int = 64
@@ -125,6 +132,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
+        if self.long_side is not None and self.long_side < 1:
+            raise ValueError(f"data.long_side must be >= 1, got {self.long_side}")
+
+    @property
+    def working_long_side(self) -> int:
+        """The long side of a frame at the model's scale, in training and at inference."""
+        return self.long_side or self.image_size
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,9 @@ class GenerateConfig:
     concurrency: int = 0  # CPU tasks running at once per stage; 0: as many as Ray schedules
     workers: int = 0  # model replicas; 0: one per GPU, or 1 on the CPU
     precision: GeneratePrecision = "auto"  # auto: bf16 where the hardware has it, else fp32
-    size: int | None = None  # model-side square; None: the checkpoint's data.image_size
+    # A frame's long side at the model's scale; None: the checkpoint's working scale.
+    long_side: int | None = None
+    tile: int = 1024  # frames whose model-side square is larger run in overlapping tiles
     keep_rgb: bool = False  # also store the input RGB in each sample
     min_structure: float | None = None  # reject outputs scoring below this; None: no gate
     shard_size: int = 256  # samples per output shard
@@ -227,7 +243,8 @@ class EvaluateConfig:
     split: str = "test"
     baselines: bool = True  # also score RGB luma as TIR, and its inverse
     precision: GeneratePrecision = "auto"
-    size: int | None = None  # model-side square; None: each checkpoint's data.image_size
+    long_side: int | None = None  # None: each checkpoint's working scale (data.long_side)
+    tile: int = 1024  # frames whose model-side square is larger run in overlapping tiles
     batch_size: int = 8
     grid_rows: int = 4  # rows in each sample grid (random, worst, best)
     paper: bool = False  # put the paper's reported numbers beside ours

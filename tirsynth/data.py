@@ -39,6 +39,11 @@ class PairDataset(IterableDataset):
             horizontal flip, the same for RGB and TIR. Otherwise fit into S x S exactly as
             `generate` and `evaluate` do.
         load_size: side of the square before the random crop (pix2pix: 286 for S=256).
+        long_side: the working scale: with `augment`, each frame is resized so its long
+            side has this many pixels (`load_size / image_size` times more, pix2pix's
+            jitter, at random per sample) and cut to a random S crop, instead of being
+            squeezed whole into the load square; objects keep the size in pixels that
+            inference gives them.
         shuffle: shuffle shard order and samples within a buffer, per epoch.
         seed: base seed; with `set_epoch`, order and augmentation are reproducible.
         rank, world_size: distributed position; default from torch.distributed if initialised.
@@ -56,6 +61,7 @@ class PairDataset(IterableDataset):
         image_size: int = 256,
         augment: bool = False,
         load_size: int | None = None,
+        long_side: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
         rank: int | None = None,
@@ -79,6 +85,7 @@ class PairDataset(IterableDataset):
         self.split = split
         self.image_size = image_size
         self.load_size = load_size or round(image_size * 286 / 256)
+        self.long_side = long_side
         self.augment = augment
         self.shuffle = shuffle
         self.seed = seed
@@ -175,14 +182,34 @@ class PairDataset(IterableDataset):
         digest = hashlib.sha256(f"{self.seed}-{self.epoch}-{key}".encode()).digest()
         rng = random.Random(digest)
         load, size = self.load_size, self.image_size
-        rgb_pixels, _ = fit_to_square(rgb, load)  # (load, load, 3) uint8
-        tir_pixels, _ = fit_to_square(tir, load)  # (load, load) float
-        left, top = rng.randint(0, load - size), rng.randint(0, load - size)
+        if self.long_side:
+            rgb_pixels, tir_pixels = self._at_working_scale(rgb, tir, rng)
+        else:
+            rgb_pixels, _ = fit_to_square(rgb, load)  # (load, load, 3) uint8
+            tir_pixels, _ = fit_to_square(tir, load)  # (load, load) float
+        rows, columns = tir_pixels.shape
+        left, top = rng.randint(0, columns - size), rng.randint(0, rows - size)
         rgb_pixels = rgb_pixels[top : top + size, left : left + size]
         tir_pixels = tir_pixels[top : top + size, left : left + size]
         if rng.random() < 0.5:
             rgb_pixels, tir_pixels = rgb_pixels[:, ::-1], tir_pixels[:, ::-1]
         return np.ascontiguousarray(rgb_pixels), np.ascontiguousarray(tir_pixels)
+
+    def _at_working_scale(self, rgb: Image.Image, tir: Image.Image, rng: random.Random):
+        """Both frames resized so their long side is the working scale, times a random
+        jitter up to load/size, and reflect-padded where a side is shorter than the crop."""
+        jitter = 1 + rng.random() * (self.load_size / self.image_size - 1)
+        scale = self.long_side * jitter / max(rgb.size)
+        shape = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        frames = [np.asarray(image.resize(shape, Image.Resampling.BICUBIC)) for image in (rgb, tir)]
+        short = [max(0, self.image_size - shape[1]), max(0, self.image_size - shape[0])]
+        if any(short):
+            mode = "reflect" if min(shape) > 1 else "edge"
+            frames = [
+                np.pad(f, ((0, short[0]), (0, short[1]), (0, 0))[: f.ndim], mode=mode)
+                for f in frames
+            ]
+        return frames
 
 
 def carve_val_keys(root: str | Path, split: str = "train") -> list[str]:

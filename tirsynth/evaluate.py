@@ -181,7 +181,11 @@ def write_grids(out, data, rows, per_image, models, outputs_of, count) -> dict[s
             cells = [sample["rgb_pixels"], sample["real"]]
             cells += [outputs_of[name]([sample["rgb"]])[0] for name in columns[2:]]
             grid_rows.append(cells)
-        path = quality.write_image_grid(grid_rows, out / "grids" / f"{title}.png")
+        # Native resolution, each sample with a zoomed window where the real TIR has most
+        # detail: blur that a scaled-down grid hides is plain there.
+        path = quality.write_image_grid(
+            quality.with_zoomed_crops(grid_rows), out / "grids" / f"{title}.png", height=None
+        )
         grids[title] = {
             "path": str(path.relative_to(out)),
             "columns": columns,
@@ -201,10 +205,14 @@ def _translator(model: dict, cfg: EvaluateConfig):
             return [255 - luma if invert else luma for luma in lumas]
 
         return baseline
-    translator = inference.Translator(model["checkpoint"], cfg.precision)
-    size = cfg.size or model["image_size"]
+    depth = model["depth"]
+    long_side = cfg.long_side or model["long_side"]
+    size = inference.canvas_side(long_side, depth)
+    translator = inference.Translator(
+        model["checkpoint"], cfg.precision, tile=inference.canvas_side(cfg.tile, depth)
+    )
     return lambda images: inference.translate_images(
-        images, size, lambda pixels: translator({"pixels": pixels})["tir"]
+        images, size, lambda pixels: translator({"pixels": pixels})["tir"], long_side
     )
 
 
@@ -227,6 +235,8 @@ def _describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
         "skips": list(cfg.model.resolved_skips()),
         "loss": to_dict(cfg.loss),
         "image_size": cfg.data.image_size,
+        "long_side": cfg.data.working_long_side,  # its working scale
+        "depth": cfg.model.depth,
         "val": state.get("val", {}),
     }
 

@@ -109,14 +109,12 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     # and the real-TIR statistics that outputs are scored against.
     weights, tir_stats = weights_bytes(state, torch.float32), state["tir_stats"]
     del state
-    size = cfg.size or train_cfg.data.image_size
-    if size % 2**train_cfg.model.depth:
-        raise ValueError(f"size {size} must be a multiple of 2**depth = {2**train_cfg.model.depth}")
+    size, long_side, tile = model_geometry(cfg, train_cfg)
     # Absolute: Ray workers do not share this process's working directory.
     corpus = discover_corpus(str(Path(cfg.input).resolve()), cfg.input_kind, cfg.split)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = output_options(cfg, checkpoint, size)
+    options = output_options(cfg, checkpoint, size, long_side)
     fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     started = time.time()
     with shards.exclusive_lock(out, LOCK, "generate"):
@@ -133,13 +131,15 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
         listing = _list_pending(out, corpus, index["key"].combine_chunks(), cfg.cpu_batch)
         del index  # the totals and the listing are all this run needs of it
         manifest = _manifest(cfg, checkpoint, size, fingerprint, corpus, "incomplete")
+        manifest["long_side"] = long_side
         manifest["output_options"] = options  # what a resume must agree on
         shards.write_json(out / shards.MANIFEST, manifest)
         pipeline_seconds = 0.0
         if listing.images:
             pipeline_seconds = _run_pipeline(
-                cfg, corpus, listing, checkpoint, size, weights, tir_stats, totals, progress
-            )
+                cfg, corpus, listing, checkpoint, (size, long_side, tile), weights, tir_stats,
+                totals, progress,
+            )  # fmt: skip
         shutil.rmtree(listing.folder)
         if corpus.coco_files:
             write_coco(out, corpus, shards.read_index(out, ["key", "relpath", "shard"]))
@@ -160,6 +160,18 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     return GenerateResult(out, checkpoint, totals.added, totals.outputs, rejects, report)
 
 
+def model_geometry(cfg: GenerateConfig, train_cfg) -> tuple[int, int, int]:
+    """(model-side square, a frame's long side in it, tile) for a run: the long side is the
+    checkpoint's working scale unless `--long-side` says otherwise."""
+    long_side = cfg.long_side or train_cfg.data.working_long_side
+    depth = train_cfg.model.depth
+    return (
+        inference.canvas_side(long_side, depth),
+        long_side,
+        inference.canvas_side(cfg.tile, depth),
+    )
+
+
 def _list_pending(out: Path, corpus: Corpus, generated: pa.Array, cpu_batch: int) -> Listing:
     """The listing of the images neither generated nor rejected yet; the listing's own
     rejects (not an image, a missing file), found again each run, written as before."""
@@ -175,9 +187,15 @@ def _list_pending(out: Path, corpus: Corpus, generated: pa.Array, cpu_batch: int
 
 
 def preprocess_batch(
-    batch: dict[str, np.ndarray], size: int, root: str, max_pixels: int, keep_rgb: bool
+    batch: dict[str, np.ndarray],
+    size: int,
+    root: str,
+    max_pixels: int,
+    keep_rgb: bool,
+    long_side: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read and decode each input, fit it to `size` x `size` (see the module docstring).
+    """Read and decode each input, scale its long side to `long_side` (default `size`) and
+    pad it to `size` x `size` (see the module docstring).
 
     Returns:
         key, pixels (B, S, S, 3) uint8, width, height, content_width, content_height,
@@ -207,7 +225,7 @@ def preprocess_batch(
             try:
                 image = inference.decode_rgb(rgb_bytes, max_pixels)
                 width, height = image.size
-                pixels, (content_w, content_h) = inference.fit_to_square(image, size)
+                pixels, (content_w, content_h) = inference.fit_to_square(image, size, long_side)
             except images.ImageRejected as err:
                 error = str(err)
             except Exception as err:  # a codec bug must cost one image, not the run
@@ -546,7 +564,7 @@ def build_report(
 
 
 def _run_pipeline(
-    cfg, corpus, listing: Listing, checkpoint, size, weights, tir_stats, totals, progress
+    cfg, corpus, listing: Listing, checkpoint, geometry, weights, tir_stats, totals, progress
 ):
     """Run the Ray Data pipeline over the listing's images; returns its seconds.
 
@@ -557,7 +575,7 @@ def _run_pipeline(
     import ray
     import ray.data
 
-    out = Path(cfg.out)
+    out, size = Path(cfg.out), geometry[0]
     with cluster.ray_session(cfg.address, out / cluster.LOG_NAME, cfg.verbose) as console:
         started = time.perf_counter()
         context = ray.data.DataContext.get_current()
@@ -580,7 +598,7 @@ def _run_pipeline(
         threads = 0 if gpus else _threads_per_replica(ray.nodes(), replicas)
         shipped = ray.put(weights)  # through the object store, to every node's actors
         cpu_tasks = ray.data.TaskPoolStrategy(size=cfg.concurrency or None)
-        stages = stage_options(cfg, corpus, listing, size, tir_stats)
+        stages = stage_options(cfg, corpus, listing, geometry, tir_stats)
 
         def window(first_group: int, groups: int):
             # One row per row group of the listing, which the first task reads itself: the
@@ -653,23 +671,26 @@ class StageOptions:
     write: dict[str, Any]  # of write_shard_batch
 
 
-def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, size: int, stats):
+def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, geometry, stats):
     """What each stage is given, for the pipeline and for a run of the same stages in one
     process (the limit that `bench generate-scale` compares the pipeline with).
 
     Args:
+        geometry: (model-side square, frame long side, tile), or the square alone.
         stats: the checkpoint's real-TIR statistics (its "tir_stats").
     """
+    size, long_side, tile = geometry if isinstance(geometry, tuple) else (geometry,) * 2 + (0,)
     return StageOptions(
         preprocess={
             "listing": str(listing.folder),
             "file_groups": listing.file_groups,
             "size": size,
+            "long_side": long_side,
             "root": str(corpus.root),
             "max_pixels": cfg.max_pixels,
             "keep_rgb": cfg.keep_rgb,
         },
-        translate={"precision": cfg.precision},
+        translate={"precision": cfg.precision, "tile": tile},
         postprocess={
             "intensity_hist": stats["intensity_hist"].tolist(),
             "lbp_hist": stats["lbp_hist"].tolist(),
@@ -761,9 +782,15 @@ def _image_extension(data: bytes) -> str:
     return images.KEPT_FORMATS.get(image_format, (image_format or "bin").lower())
 
 
-def output_options(cfg: GenerateConfig, checkpoint: Path, size: int) -> dict[str, Any]:
-    """What decides the outputs: a resumed run must agree on all of it (the fingerprint)."""
+def output_options(
+    cfg: GenerateConfig, checkpoint: Path, size: int, long_side: int | None = None
+) -> dict[str, Any]:
+    """What decides the outputs: a resumed run must agree on all of it (the fingerprint).
+    The long side is named only where it differs from the square, so that folders written
+    before frames had a working scale resume as they were."""
+    scale = {"long_side": long_side} if long_side not in (None, size) else {}
     return {
+        **scale,
         "input": str(Path(cfg.input).resolve()),
         "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": shards.file_sha256(checkpoint),

@@ -1,7 +1,10 @@
 """The trained generator applied to whole images of any size, shared by generate and evaluate.
 
-An image is scaled to fit the model's S x S square keeping its aspect ratio, padded by
-reflection, translated, cropped back to the scaled content and resized to its exact size.
+An image is scaled so that its long side has the checkpoint's working scale
+(`DataConfig.working_long_side`), padded by reflection to the model's S x S square (the long
+side rounded up to a multiple of 2**depth), translated whole (the U-Net is fully
+convolutional; squares larger than a tile run in overlapping tiles blended without seams),
+cropped back to the scaled content and resized to its exact size.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
     )
 
 
+def canvas_side(long_side: int, depth: int) -> int:
+    """The model-side square for frames of `long_side`: a multiple of 2**depth."""
+    step = 2**depth
+    return max(step, -(-long_side // step) * step)
+
+
 class Translator:
     """The generator as a Ray Data actor: loads the checkpoint once, translates batches.
 
@@ -68,6 +77,7 @@ class Translator:
         device: str | None = None,
         threads: int = 0,
         shipped: Any = None,
+        tile: int = 0,
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -84,6 +94,7 @@ class Translator:
                 local.write_bytes(shipped)
                 self.generator, _ = load_generator(local, self.device)
         self.generator.to(memory_format=torch.channels_last)
+        self.tile = tile
         self.precision = resolve_precision(precision, self.device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
@@ -91,29 +102,65 @@ class Translator:
         def autocast():
             return torch.autocast(self.device.type, dtype=self.dtype, enabled=bool(self.dtype))
 
-        return {**batch, "tir": translate_squares(self.generator, batch["pixels"], autocast)}
+        tir = translate_squares(self.generator, batch["pixels"], autocast, self.tile)
+        return {**batch, "tir": tir}
 
 
 @torch.no_grad()
 def translate_squares(
-    generator: nn.Module, pixels: np.ndarray, autocast: Callable[[], Any] = nullcontext
+    generator: nn.Module,
+    pixels: np.ndarray,
+    autocast: Callable[[], Any] = nullcontext,
+    tile: int = 0,
 ) -> np.ndarray:
-    """(B, S, S, 3) uint8 RGB squares -> (B, S, S) uint8 TIR, on the generator's device."""
+    """(B, S, S, 3) uint8 RGB squares -> (B, S, S) uint8 TIR, on the generator's device;
+    squares larger than `tile` (when set) in overlapping tiles (`translate_tiled`)."""
     device = next(generator.parameters()).device
     rgb = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # writable copy
     rgb = rgb.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S)
     rgb = rgb.contiguous(memory_format=torch.channels_last)
     with autocast():
-        fake = generator(rgb).float()  # (B, C, S, S) in [-1, 1]
+        if tile and rgb.shape[-1] > tile:
+            fake = translate_tiled(generator, rgb, tile)
+        else:
+            fake = generator(rgb).float()  # (B, C, S, S) in [-1, 1]
     return metrics.to_gray_uint8(fake).to(torch.uint8).cpu().numpy()
 
 
+def translate_tiled(generator: nn.Module, rgb: torch.Tensor, tile: int) -> torch.Tensor:
+    """G on (B, 3, S, S) in `tile` x `tile` windows overlapping by a quarter of a tile, each
+    output weighted by a ramp that falls towards its window's edges, where a convolution
+    sees padding instead of the frame: no seam, and memory bounded by the tile."""
+    side = rgb.shape[-1]
+    overlap = tile // 4
+    starts = [*range(0, side - tile, tile - overlap), side - tile]
+    ramp = torch.ones(tile, device=rgb.device)
+    edge = torch.linspace(0, 1, overlap + 2, device=rgb.device)[1:-1]
+    ramp[:overlap], ramp[tile - overlap :] = edge, edge.flip(0)
+    weight = ramp[:, None] * ramp[None, :]
+    out = norm = None
+    for top in starts:
+        for left in starts:
+            window = rgb[..., top : top + tile, left : left + tile]
+            fake = generator(window).float() * weight
+            if out is None:
+                out = fake.new_zeros((*fake.shape[:2], side, side))
+                norm = fake.new_zeros((side, side))
+            out[..., top : top + tile, left : left + tile] += fake
+            norm[top : top + tile, left : left + tile] += weight
+    return out / norm
+
+
 def translate_images(
-    images: list[Image.Image], size: int, squares: Callable[[np.ndarray], np.ndarray]
+    images: list[Image.Image],
+    size: int,
+    squares: Callable[[np.ndarray], np.ndarray],
+    long_side: int | None = None,
 ) -> list[np.ndarray]:
-    """Whole RGB images of any size -> (H, W) uint8 TIR at each one's size: fit into the
-    model's `size` square, translate with `squares` ((B, S, S, 3) -> (B, S, S)), map back."""
-    fitted = [fit_to_square(image, size) for image in images]
+    """Whole RGB images of any size -> (H, W) uint8 TIR at each one's size: scaled to
+    `long_side` (default `size`), padded into the model's `size` square, translated with
+    `squares` ((B, S, S, 3) -> (B, S, S)), mapped back."""
+    fitted = [fit_to_square(image, size, long_side) for image in images]
     outputs = squares(np.stack([pixels for pixels, _ in fitted]))
     return [
         map_back(output, content, image.size)
@@ -155,14 +202,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
 
 
-def fit_to_square(image: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Scale to fit `size` x `size` keeping the aspect ratio, then reflect-pad the rest.
+def fit_to_square(
+    image: Image.Image, size: int, long_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Scale so the long side is `long_side` (default: `size`, which it must not exceed)
+    keeping the aspect ratio, then reflect-pad to `size` x `size`.
 
     Returns:
         ((size, size, 3) array, or (size, size) for a one-band image, of the image's pixel
         type; (content width, content height)).
     """
-    scale = size / max(image.size)
+    scale = min(long_side or size, size) / max(image.size)
     content = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     pixels = np.asarray(image.resize(content, Image.Resampling.BICUBIC))
     pad = ((0, size - content[1]), (0, size - content[0]), (0, 0))[: pixels.ndim]

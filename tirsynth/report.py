@@ -187,13 +187,16 @@ def _train(run_dir: Path, report: dict) -> list[str]:
     val = [r for r in records if r["kind"] == "val"]
     parts = ["<h2>Validation</h2>"]
     if val:
-        header = ["step", "epoch", "SSIM", "PSNR", "LBP real", "LBP fake", "SSIM day", "SSIM night"]
+        header = ["step", "epoch", "SSIM", "PSNR", "GMSD", "edge ratio", "LBP real", "LBP fake",
+                  "SSIM day", "SSIM night"]  # fmt: skip
         rows = [
             (
                 r["step"],
                 f"{r['epoch']:.2f}",
                 r["ssim"],
                 r["psnr"],
+                r.get("gmsd"),
+                r.get("edge_ratio"),
                 r["lbp_real"],
                 r["lbp_fake"],
                 r["by_daynight"].get("day", {}).get("ssim"),
@@ -395,7 +398,8 @@ def _members(root: Path, wanted: set[tuple[str, str]]) -> dict[str, dict]:
 def _evaluate(run_dir: Path, report: dict) -> list[str]:
     results, models = report["results"], report["models"]
     parts = [f"<h2>Results on the {_e(report['split'])} split ({report['samples']} images)</h2>"]
-    header = ["model", "kind", "skips", "step", "images", "SSIM", "PSNR", "LBP real", "LBP fake"]
+    header = ["model", "kind", "skips", "step", "images", "SSIM", "PSNR", "GMSD (lower: better)",
+              "edge ratio (1: as sharp)", "LBP distance", "LBP real", "LBP fake"]  # fmt: skip
     rows = [
         (
             m["name"],
@@ -404,12 +408,27 @@ def _evaluate(run_dir: Path, report: dict) -> list[str]:
             m.get("step", ""),
             *(
                 results[m["name"]]["overall"].get(k)
-                for k in ("images", "ssim", "psnr", "lbp_real", "lbp_fake")
-            ),
+                for k in (
+                    "images",
+                    "ssim",
+                    "psnr",
+                    "gmsd",
+                    "edge_ratio",
+                    "lbp_distance",
+                    "lbp_real",
+                    "lbp_fake",
+                )
+            ),  # fmt: skip
         )
         for m in models
     ]
     parts.append(_table(header, rows))
+    parts.append(
+        "<p>Each metric is taken per image at its own size against its real TIR. SSIM and "
+        "PSNR reward a blurred average; GMSD, the edge ratio and the LBP-histogram distance "
+        "see detail. Mean LBP is listed for the paper's tables only (flat regions raise it). "
+        "Look at the grids below at native resolution before trusting any one number.</p>"
+    )
     for field, title in (("by_daynight", "day/night"), ("by_dataset", "dataset")):
         groups = sorted({g for r in results.values() for g in r[field]})
         header = ["model", *(f"{g} {m}" for g in groups for m in ("SSIM", "PSNR"))]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -38,7 +39,7 @@ from tirsynth import __version__, cluster, shards
 from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from tirsynth.config import LoopConfig, LossConfig, TrainConfig, config_yaml, from_dict, to_dict
 from tirsynth.data import PairDataset, carve_val_keys
-from tirsynth.inference import iter_pairs
+from tirsynth.inference import canvas_side, iter_pairs
 from tirsynth.losses import discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
@@ -164,11 +165,14 @@ def train_worker(
     # 1. Data: each rank reads its own equal part of the train split, less a carved val split
     # when the data has none.
     train_keys, val_rows = split_for_validation(data, cfg.data.val_split, announce=rank == 0)
+    # Validation translates whole frames at the working scale, as generate does.
+    canvas = canvas_side(cfg.data.working_long_side, cfg.model.depth)
     train_set = PairDataset(
         data,
         "train",
         image_size=cfg.data.image_size,
         load_size=cfg.data.load_size,
+        long_side=cfg.data.long_side,
         augment=cfg.data.augment,
         shuffle=True,
         seed=loop.seed,
@@ -283,19 +287,21 @@ def train_worker(
                     last_val = validate(
                         served,
                         iter_pairs(data, val_rows),
-                        cfg.data.image_size,
+                        canvas,
                         autocast,
                         cfg.data.val_samples,
+                        long_side=cfg.data.working_long_side,
                     )
                     epoch_now = step / steps_per_epoch
                     stats_log.write({"kind": "val", "step": step, "epoch": epoch_now, **last_val})
                     write_sample_grid(
                         served,
                         iter_pairs(data, val_rows),
-                        cfg.data.image_size,
+                        canvas,
                         autocast,
                         loop.sample_count,
                         out / "samples" / f"step_{step:08d}.png",
+                        long_side=cfg.data.working_long_side,
                     )
                 improved = bool(last_val) and last_val["ssim"] > best_ssim
                 if improved:
@@ -413,13 +419,30 @@ def train_step(
     # module is called so that DDP does not wait for D gradients that never come.
     _set_requires_grad(disc, False)
     opt_g.zero_grad(set_to_none=True)
-    fake_logits = None
-    if loss_cfg.gan:
+    fake_logits, matching = None, None
+    if loss_cfg.feature_matching:
+        with autocast():
+            with torch.no_grad():
+                _, real_features = _unwrap(disc)(cond, real, features=True)
+            fake_logits, fake_features = _unwrap(disc)(cond, fake, features=True)
+        fake_logits = fake_logits.float()
+        matching = (
+            loss_cfg.feature_matching
+            * sum(
+                F.l1_loss(f.float(), r.float())
+                for f, r in zip(fake_features, real_features, strict=True)
+            )
+            / len(real_features)
+        )
+    elif loss_cfg.gan:
         with autocast():
             fake_logits = _unwrap(disc)(cond, fake).float()
 
     # 3. G on the non-saturating GAN loss plus the L1, gradient and intensity terms (Eq. 7).
     loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg)
+    if matching is not None:
+        loss_g = loss_g + matching
+        parts["g_feature_matching"] = matching.item()
     scaler.scale(loss_g).backward()
     scaler.step(opt_g)
     scaler.update()

@@ -38,6 +38,15 @@ class PatchDiscriminator(nn.Module):
         self.model = nn.Sequential(*layers)
         init_pix2pix(self)
 
-    def forward(self, cond: torch.Tensor, tir: torch.Tensor) -> torch.Tensor:
-        # (B, C_rgb, H, W), (B, C_tir, H, W) -> (B, 1, H/8 - 2, W/8 - 2) patch logits
-        return self.model(torch.cat([cond, tir], dim=1))
+    def forward(self, cond: torch.Tensor, tir: torch.Tensor, features: bool = False):
+        """(B, C_rgb, H, W), (B, C_tir, H, W) -> (B, 1, H/8 - 2, W/8 - 2) patch logits; with
+        `features`, also the activation after each LeakyReLU (for feature matching)."""
+        x = torch.cat([cond, tir], dim=1)
+        if not features:
+            return self.model(x)
+        found = []
+        for layer in self.model:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                found.append(x)
+        return x, found
