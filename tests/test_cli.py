@@ -293,6 +293,7 @@ def test_io_faults_are_one_line_also_from_inside_ray_tasks(tmp_path, ray_session
 
     import click
     import ray
+    import ray.data
 
     from tirsynth.cli import user_errors
 
@@ -305,6 +306,12 @@ def test_io_faults_are_one_line_also_from_inside_ray_tasks(tmp_path, ray_session
     message = caught.value.message
     assert message.startswith("No space left on device: /data/out/tir-1.tar.")
     assert "same command finishes the job" in message and "\n" not in message
+    def read_only_folder(batch):  # a Ray Data task: its error reaches the driver as text
+        raise PermissionError(errno.EROFS, "Read-only file system", "/data/out/index.parquet")
+
+    with pytest.raises(click.ClickException) as caught, user_errors():
+        list(ray.data.range(2).map_batches(read_only_folder).iter_rows())
+    assert caught.value.message.startswith("Read-only file system: /data/out/index.parquet.")
     with pytest.raises(RuntimeError), user_errors():  # not an I/O fault: left as it is
         raise RuntimeError("a bug")
 

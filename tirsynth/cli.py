@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -634,20 +635,35 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
         raise click.ClickException(fault) from err
 
 
+REMOTE_OS_ERROR = re.compile(r"\[Errno (\d+)\] ([^\n]*?)(?:: '([^'\n]*)')?$", re.MULTILINE)
+
+
 def io_fault(error: BaseException) -> str | None:
     """One line for an OSError anywhere in `error`'s chain of causes (Ray wraps a task's
-    exception as `cause`), or None when there is none."""
+    exception as `cause`), or None when there is none. A Ray Data task's error arrives as
+    text only (its UserCodeException loses the cause), so the last `[Errno N]` line of the
+    remote traceback stands for it."""
     seen: set[int] = set()
+    found: tuple[int, str | None, str | None] | None = None
+    first = error
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno is not None:
-            where = f": {error.filename}" if error.filename else ""
-            return (
-                f"{error.strerror or os.strerror(error.errno)}{where}. Nothing committed is "
-                "lost; once this is fixed, the same command finishes the job"
-            )
+            found = (error.errno, error.strerror, error.filename)
+            break
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+    if found is None:
+        remote = REMOTE_OS_ERROR.findall(str(first))
+        if not remote:
+            return None
+        number, text, filename = remote[-1]
+        found = (int(number), text, filename or None)
+    number, text, filename = found
+    where = f": {filename}" if filename else ""
+    return (
+        f"{text or os.strerror(number)}{where}. Nothing committed is lost; once this is "
+        "fixed, the same command finishes the job"
+    )
 
 
 def _print_ingest_summary(result) -> None:
