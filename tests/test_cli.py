@@ -306,6 +306,7 @@ def test_io_faults_are_one_line_also_from_inside_ray_tasks(tmp_path, ray_session
     message = caught.value.message
     assert message.startswith("No space left on device: /data/out/tir-1.tar.")
     assert "same command finishes the job" in message and "\n" not in message
+
     def read_only_folder(batch):  # a Ray Data task: its error reaches the driver as text
         raise PermissionError(errno.EROFS, "Read-only file system", "/data/out/index.parquet")
 

@@ -114,6 +114,11 @@ def cli() -> None:
 @click.option(
     "--strict", is_flag=True, default=None, help="Exit non-zero if anything was rejected."
 )
+@click.option(
+    "--frame-stride",
+    type=click.IntRange(min=1),
+    help="Paired video: take every Nth frame; a clip's frames share a split [10].",
+)
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def ingest(sources, config_path, overrides, dry_run, **flags) -> None:

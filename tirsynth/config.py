@@ -17,7 +17,7 @@ import yaml
 
 T = TypeVar("T")
 
-Layout = Literal["auto", "roadscene", "llvip", "kaist", "folders", "csv"]
+Layout = Literal["auto", "roadscene", "llvip", "kaist", "folders", "csv", "video"]
 DayNightMode = Literal["layout", "auto", "day", "night"]
 ResizeSide = Literal["none", "rgb", "tir"]
 VerifyMode = Literal["fast", "full"]
@@ -43,9 +43,12 @@ class IngestConfig:
     workers: int = 0  # processes; 0 = all cores (fewer for small jobs)
     overwrite: bool = False
     strict: bool = False
+    frame_stride: int = 10  # paired video: every Nth frame (neighbours are near duplicates)
 
     def __post_init__(self) -> None:
         check_literals(self)
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
         if len(self.split) != 3 or any(p < 0 for p in self.split) or sum(self.split) <= 0:
             raise ValueError(f"split must be three non-negative fractions, got {self.split}")
         if self.shard_size < 1:

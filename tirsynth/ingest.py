@@ -25,7 +25,7 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, images, layouts, parallel, shards
+from tirsynth import __version__, images, layouts, parallel, shards, video
 from tirsynth.config import IngestConfig, to_dict
 from tirsynth.layouts import PairSource, Reject
 
@@ -106,8 +106,11 @@ def discover_all(cfg: IngestConfig) -> tuple[list[dict], list[PairSource], list[
     """Pairs and name-level rejects of every source, in a stable order."""
     inputs, pairs, rejects = [], [], []
     for source in cfg.sources:
-        found, bad, used = layouts.discover(source, cfg.layout, cfg.dataset)
-        inputs.append({"source": str(Path(source).resolve()), "layout": used, "pairs": len(found)})
+        found, bad, used = layouts.discover(source, cfg.layout, cfg.dataset, cfg.frame_stride)
+        described = {"source": str(Path(source).resolve()), "layout": used, "pairs": len(found)}
+        if used == "video":  # part of the fingerprint where it matters only
+            described["frame_stride"] = cfg.frame_stride
+        inputs.append(described)
         pairs += found
         rejects += bad
     if cfg.rgb_dir is not None:
@@ -158,6 +161,8 @@ def plan_pairs(
         if row is not None:
             used.add(id(row))
         extra = {k: v for k, v in (row or {}).items() if k not in ("key", "stem") and v != ""}
+        if pair.clip is not None:  # a video frame: its clip and number go into the index
+            extra = {"clip": pair.clip, "frame": str(pair.frame), **extra}
         daynight = extra.pop("daynight", None)
         if daynight:
             source = "meta"
@@ -169,7 +174,9 @@ def plan_pairs(
             daynight, source = None, "auto"
         else:
             daynight, source = "unknown", "unknown"
-        split = extra.pop("split", None) or pair.split or hash_split(pair.key, cfg.split)
+        # A clip's frames share one split: a test frame's neighbour is never in train.
+        group = f"{pair.dataset}/{pair.clip}" if pair.clip is not None else pair.key
+        split = extra.pop("split", None) or pair.split or hash_split(group, cfg.split)
         planned.append(PlannedPair(pair, split, daynight, source, tuple(sorted(extra.items()))))
     unmatched = [row.get("key") or row["stem"] for row in meta_rows if id(row) not in used]
     return planned, unmatched
@@ -229,6 +236,7 @@ def write_pending(
     shards.write_rejects(out, reject_rows)
     # Pillow loads its format plugins on first use: once here, not in each forked worker.
     Image.preinit()
+    video.close_readers()  # no FFmpeg decoder threads in this process when it forks
     # Forked workers share the ingest lock's open file; fork_map reaps them before it
     # returns, so the lock is not let go while one of them may still write a shard.
     with (
@@ -260,9 +268,16 @@ def plan_tasks(
         # every source (LLVIP's pairs are three times RoadScene's bytes), so that tasks of
         # equal count take equal time.
         count = math.ceil(len(todo) / size)
+        # Video frames instead in runs of one clip in frame order: a task then decodes each
+        # clip once, forward (frame by frame from the last one it read).
+        clips = any(p.source.clip is not None for p in todo)
+        if clips:
+            todo.sort(key=lambda p: (p.source.clip is None, p.source.rgb.rpartition("#")[0],
+                                     p.source.frame or 0))  # fmt: skip
         for offset in range(count):
             path = out / shards.shard_name(split, number + offset)
-            yield ShardTask(path, tuple(todo[offset::count]))
+            members = todo[offset * size : (offset + 1) * size] if clips else todo[offset::count]
+            yield ShardTask(path, tuple(members))
 
 
 def write_task(args: tuple[ShardTask, dict]) -> tuple[list[dict], list[dict]]:
@@ -413,6 +428,8 @@ def reject_row(reject: Reject) -> dict[str, Any]:
 
 def _read_side(path: str, role: str, options: dict) -> images.StoredImage:
     try:
+        if video.parse_frame_path(path) is not None:
+            return video.read_frame(path, role)
         return images.read_image(
             path, role, verify=options["verify"], max_pixels=options["max_pixels"]
         )

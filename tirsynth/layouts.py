@@ -1,6 +1,7 @@
 """Paired RGB/TIR datasets in their published layouts -> lists of `PairSource`.
 
-Knows RoadScene, LLVIP, KAIST, two folders matched by relative stem, and a CSV of pairs.
+Knows RoadScene, LLVIP, KAIST, two folders matched by relative stem, a CSV of pairs, and
+two folders of videos matched by name (M3SVD), a pair per `frame_stride`-th frame.
 Discovery only looks at names; files are opened later, in the ingest workers.
 """
 
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from tirsynth import video
 from tirsynth.containment import OUTSIDE, relpath_inside, walk_files
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 RGB_DIR_NAMES = ("rgb", "visible", "vis", "optical", "color", "colour")
 TIR_DIR_NAMES = ("tir", "infrared", "ir", "thermal", "lwir")
-LAYOUTS = ("roadscene", "llvip", "kaist", "folders", "csv")
+LAYOUTS = ("roadscene", "llvip", "kaist", "folders", "csv", "video")
+DEFAULT_FRAME_STRIDE = 10  # neighbouring video frames are near duplicates
 KAIST_SET = re.compile(r"set(\d\d)$")
 # KAIST's published split and lighting: sets 00-05 train, 06-11 test; 00-02 and 06-08 day.
 KAIST_TRAIN_SETS = range(0, 6)
@@ -38,6 +41,8 @@ class PairSource(NamedTuple):  # a tuple: made once per pair, five times cheaper
     split: str | None = None  # the dataset's own split, when it has one
     daynight: str | None = None  # when the dataset says
     annotation: str | None = None  # path of a label file to carry into the sample
+    clip: str | None = None  # frames of one video: split together, named in the index
+    frame: int | None = None  # its frame number in the clip
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,10 @@ class Reject:
 
 
 def discover(
-    source: str | Path, layout: str = "auto", dataset: str | None = None
+    source: str | Path,
+    layout: str = "auto",
+    dataset: str | None = None,
+    frame_stride: int = DEFAULT_FRAME_STRIDE,
 ) -> tuple[list[PairSource], list[Reject], str]:
     """List the pairs of one source.
 
@@ -79,6 +87,10 @@ def discover(
         pairs, rejects = match_folders(rgb_dir, tir_dir, dataset or dataset_name(root.name))
     elif layout == "csv":
         pairs, rejects = read_pair_csv(root, dataset or dataset_name(root.stem))
+    elif layout == "video":
+        rgb_dir, tir_dir = find_pair_folders(root)
+        name = dataset or dataset_name(root.name)
+        pairs, rejects = match_videos(rgb_dir, tir_dir, name, frame_stride)
     else:
         raise ValueError(f"layout {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
     return pairs, rejects, layout
@@ -91,6 +103,9 @@ def detect_layout(root: Path) -> str:
             return "csv"
         raise ValueError(f"{root} is a file; only a CSV of rgb,tir pairs can be a source")
     names = {p.name for p in root.iterdir() if p.is_dir()}
+    folders = _pair_folder_candidates(root)
+    if folders and all(_holds_videos(folder) for folder in folders):
+        return "video"
     found = []
     if {"crop_LR_visible", "cropinfrared"} <= names:
         found.append("roadscene")
@@ -183,20 +198,79 @@ def discover_kaist(root: Path, dataset: str) -> tuple[list[PairSource], list[Rej
         number = int(KAIST_SET.match(set_name).group(1))
         split = "train" if number in KAIST_TRAIN_SETS else "test"
         daynight = "day" if number in KAIST_DAY_SETS else "night"
-        for video in sorted(_subdir_names(images / set_name)):
-            folder = images / set_name / video
+        for sequence in sorted(_subdir_names(images / set_name)):
+            folder = images / set_name / sequence
             found, bad = match_folders(
                 folder / "visible",
                 folder / "lwir",
                 dataset,
                 split=split,
                 daynight=daynight,
-                annotation_dir=annotations / set_name / video if annotations else None,
-                key_prefix=f"{set_name}/{video}/",
+                annotation_dir=annotations / set_name / sequence if annotations else None,
+                key_prefix=f"{set_name}/{sequence}/",
             )
             pairs += found
             rejects += bad
     return pairs, rejects
+
+
+def match_videos(
+    rgb_dir: Path, tir_dir: Path, dataset: str, stride: int = DEFAULT_FRAME_STRIDE
+) -> tuple[list[PairSource], list[Reject]]:
+    """Paired clips: the same file name in the RGB and the TIR folder (M3SVD's layout).
+    Every `stride`-th frame from frame 0 becomes a pair; a clip's frames share its split.
+    A clip without a partner, one that is not a readable video, and a pair whose frame
+    counts differ (they cannot be registered frame by frame) are rejects with the reason."""
+    if stride < 1:
+        raise ValueError(f"frame_stride must be >= 1, got {stride}")
+    sides = {}
+    rejects = []
+    for side, folder in (("rgb", rgb_dir), ("tir", tir_dir)):
+        sides[side] = {}
+        for rel, problem in walk_files(folder):
+            if problem:
+                rejects.append(Reject(dataset, problem, **{side: str(folder / rel)}))
+            elif video.is_video(rel):
+                sides[side][os.path.splitext(rel)[0]] = str(folder / rel)
+            else:
+                reason = "not a video file (a video pair folder holds only videos)"
+                rejects.append(Reject(dataset, reason, **{side: str(folder / rel)}))
+    pairs = []
+    for clip in sorted(sides["rgb"].keys() | sides["tir"].keys()):
+        rgb, tir = sides["rgb"].get(clip), sides["tir"].get(clip)
+        key = make_key(dataset, clip)
+        if rgb is None or tir is None:
+            missing = "RGB" if rgb is None else "TIR"
+            rejects.append(Reject(dataset, f"missing {missing} partner", key, rgb, tir))
+            continue
+        try:
+            counts = video.frame_count(rgb), video.frame_count(tir)
+        except ValueError as error:
+            rejects.append(Reject(dataset, str(error), key, rgb, tir))
+            continue
+        if counts[0] != counts[1]:
+            reason = f"frame-count mismatch: RGB {counts[0]} frames, TIR {counts[1]}"
+            rejects.append(Reject(dataset, reason, key, rgb, tir))
+            continue
+        for number in range(0, counts[0], stride):
+            pairs.append(
+                PairSource(
+                    make_key(dataset, f"{clip}/{number:06d}"),
+                    dataset,
+                    f"{Path(clip).name}_{number:06d}",
+                    video.frame_path(rgb, number),
+                    video.frame_path(tir, number),
+                    clip=clip,
+                    frame=number,
+                )
+            )
+    return pairs, rejects
+
+
+def _holds_videos(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")]
+    return bool(names) and all(video.is_video(name) for name in names)
 
 
 def read_pair_csv(path: Path, dataset: str) -> tuple[list[PairSource], list[Reject]]:

@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tirsynth import ingest, layouts, shards, video
+from tirsynth.config import IngestConfig
+
+
+def write_video(path: Path, frames: int, size=(64, 48), offset: int = 0) -> None:
+    """A clip whose frame n is flat grey of level 10 * n + offset (mpeg4 in mp4)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for n in range(frames):
+            pixels = np.full((size[1], size[0], 3), (10 * n + offset) % 256, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.fixture
+def video_pairs(tmp_path) -> Path:
+    root = tmp_path / "clips"
+    for clip, frames in (("a", 12), ("b", 7), ("c", 9), ("d", 5)):
+        write_video(root / "visible" / f"{clip}.mp4", frames)
+        write_video(root / "infrared" / f"{clip}.mp4", frames, offset=5)
+    write_video(root / "visible" / "short.mp4", 6)
+    write_video(root / "infrared" / "short.mp4", 4)  # cannot be registered frame by frame
+    write_video(root / "visible" / "alone.mp4", 3)
+    (root / "visible" / "broken.mp4").write_text("not a video")
+    (root / "infrared" / "broken.mp4").write_text("not a video either")
+    return root
+
+
+def test_frames_are_read_in_order_and_named_by_number(tmp_path):
+    import io
+
+    from PIL import Image
+
+    clip = tmp_path / "c.mp4"
+    write_video(clip, 6)
+    assert video.frame_count(clip) == 6
+    assert video.parse_frame_path(video.frame_path(clip, 4)) == (str(clip), 4)
+    assert video.parse_frame_path(str(clip)) is None
+    reader = video.FrameReader(str(clip))
+    levels = [np.asarray(reader.frame(n).convert("L")).mean() for n in (0, 3, 5, 1)]
+    assert np.allclose(levels, [0, 30, 50, 10], atol=3)  # 1 after 5: reopened, not wrong
+    stored = video.read_frame(video.frame_path(clip, 2), "tir")
+    with Image.open(io.BytesIO(stored.data)) as frame:
+        assert frame.mode == "L" and abs(np.asarray(frame).mean() - 20) < 3
+    with pytest.raises(Exception, match="ends before frame 9"):
+        video.read_frame(video.frame_path(clip, 9), "rgb")
+
+
+def test_paired_video_layout_ingests_every_nth_frame_whole_clips_per_split(video_pairs, tmp_path):
+    assert layouts.detect_layout(video_pairs) == "video"
+    out = tmp_path / "data"
+    result = ingest.run(
+        IngestConfig(
+            sources=(str(video_pairs),), out=str(out), frame_stride=3, split=(0.5, 0.25, 0.25)
+        )
+    )
+    index = shards.read_index(out)
+    frames = {(row["clip"], int(row["frame"])) for row in index}
+    assert frames == {(c, n) for c, count in (("a", 12), ("b", 7), ("c", 9), ("d", 5))
+                      for n in range(0, count, 3)}  # fmt: skip
+    for clip in "abcd":
+        assert len({row["split"] for row in index if row["clip"] == clip}) == 1
+    reasons = sorted(r["reason"] for r in result.rejects)
+    assert reasons[:2] == ["frame-count mismatch: RGB 6 frames, TIR 4", "missing TIR partner"]
+    assert len(reasons) == 3 and "not a readable video" in reasons[2]
+    # The stored frames are the clips' frames: RGB level 10 n, TIR 10 n + 5, one channel.
+    from tirsynth.inference import iter_pairs
+
+    for pair in iter_pairs(out, index):
+        number = int(pair["key"].rsplit("_", 1)[1])
+        assert abs(pair["rgb_pixels"].mean() - 10 * number) < 3
+        assert pair["real"].ndim == 2 and abs(pair["real"].mean() - 10 * number - 5) < 3
+    again = ingest.run(
+        IngestConfig(
+            sources=(str(video_pairs),), out=str(out), frame_stride=3, split=(0.5, 0.25, 0.25)
+        )
+    )
+    assert again.added == 0 and again.pairs == result.pairs
+
+
+def test_m3svd_as_published(shared_data, tmp_path):
+    """The shared M3SVD clips: detected, every 10th frame, each row naming clip and frame."""
+    source = shared_data / "m3svd"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent")
+    out = tmp_path / "m3svd"
+    result = ingest.run(IngestConfig(sources=(str(source),), out=str(out)))
+    index = shards.read_index(out)
+    counts = {
+        clip: sum(1 for r in index if r["clip"] == clip) for clip in {r["clip"] for r in index}
+    }
+    # 560, 407, 590 and 205 frames: ceil(n / 10) each.
+    assert sorted(counts.values()) == sorted(-(-n // 10) for n in (560, 407, 590, 205))
+    assert not result.rejects and {(r["width"], r["height"]) for r in index} == {(640, 480)}
