@@ -9,10 +9,11 @@ committed by its own fragment of index.parquet (a folder of fragments, so a comm
 the same at any corpus size); the driver only counts. A killed run resumes by skipping
 the keys already in the index.
 
-Size handling: an image is scaled to fit the model's S x S square (S: the checkpoint's
-training crop, 256 for the paper) keeping its aspect ratio, padded by reflection to the
-square, translated, cropped back to the scaled content and resized bicubically to the
-input's exact width and height.
+Size handling: an image is scaled so its long side is the checkpoint's working scale
+(`data.long_side`; the training crop, 256, for checkpoints without one) or `--long-side`,
+padded by reflection to the model's S x S square (that side rounded up to a multiple of
+2**depth), translated (in overlapping tiles above `--tile`), cropped back to the scaled
+content and resized bicubically to the input's exact width and height.
 """
 
 from __future__ import annotations
