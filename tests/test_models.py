@@ -126,3 +126,18 @@ def test_model_command_prints_counts():
     assert result.exit_code == 0, result.output
     assert "generator_parameters 47991427" in result.output
     assert "generator_flops_per_image" in result.output
+
+
+def test_resize_upsampling_leaves_no_checkerboard():
+    """model.upsample=resize (nearest 2x, then a 3x3 conv): a flat input gives a flat output
+    away from the borders; pix2pix's transposed convs give a period-2 pattern."""
+    torch.manual_seed(0)
+    centres = {}
+    for upsample in ("transpose", "resize"):
+        cfg = ModelConfig(upsample=upsample, ngf=8, depth=4, skips=(1, 3), dropout=0)
+        generator = build_generator(cfg).eval()
+        with torch.no_grad():
+            centres[upsample] = generator(torch.full((1, 3, 128, 128), 0.3))[0, 0, 48:80, 48:80]
+    assert centres["resize"].std() < 1e-6 < centres["transpose"].std()
+    with pytest.raises(ValueError, match="upsample"):
+        ModelConfig(upsample="bilinear")

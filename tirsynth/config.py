@@ -73,8 +73,11 @@ class ModelConfig:
     skips: str | tuple[int, ...] = "sparse"  # sparse | dense | low | high | explicit levels
     dropout: float = 0.5  # in the three decoder layers after the innermost
     disc_layers: int = 3  # 3: the 70x70 PatchGAN
+    # G's decoder: transposed convs (the paper) or resize + conv (no checkerboard artefacts)
+    upsample: Literal["transpose", "resize"] = "transpose"
 
     def __post_init__(self) -> None:
+        check_literals(self)
         if isinstance(self.skips, str) and self.skips not in (*NAMED_SKIPS, "sparse", "dense"):
             raise ValueError(f"skips={self.skips!r} is not sparse, dense, low, high or a list")
 

@@ -29,6 +29,7 @@ def build_generator(cfg: ModelConfig) -> UNetGenerator:
         depth=cfg.depth,
         skips=cfg.resolved_skips(),
         dropout=cfg.dropout,
+        upsample=cfg.upsample,
     )
 
 

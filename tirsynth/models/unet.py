@@ -27,6 +27,9 @@ class UNetGenerator(nn.Module):
             same spatial size.
         dropout: dropout probability in the three decoder layers after the innermost one
             (pix2pix's noise z); 0 turns it off.
+        upsample: "transpose" (pix2pix and the paper: 4x4 stride-2 transposed convs) or
+            "resize" (nearest 2x resize, then a 3x3 conv: no checkerboard, Odena et al.
+            2016, "Deconvolution and Checkerboard Artifacts").
     """
 
     def __init__(
@@ -38,8 +41,11 @@ class UNetGenerator(nn.Module):
         depth: int = 8,
         skips: tuple[int, ...] = SPARSE_SKIPS,
         dropout: float = 0.5,
+        upsample: str = "transpose",
     ):
         super().__init__()
+        if upsample not in ("transpose", "resize"):
+            raise ValueError(f"upsample must be transpose or resize, got {upsample!r}")
         if depth < 2:
             raise ValueError(f"depth must be >= 2, got {depth}")
         bad = [s for s in skips if not 1 <= s < depth]
@@ -65,7 +71,11 @@ class UNetGenerator(nn.Module):
             uses_dropout = dropout > 0 and depth - 3 <= e < depth and e > 1
             self.decoder.append(
                 decoder_layer(
-                    width_in, width_out, outermost=e == 1, dropout=dropout if uses_dropout else 0.0
+                    width_in,
+                    width_out,
+                    outermost=e == 1,
+                    dropout=dropout if uses_dropout else 0.0,
+                    upsample=upsample,
                 )
             )
         init_pix2pix(self)
@@ -117,11 +127,20 @@ def encoder_layer(width_in: int, width_out: int, *, norm: bool, activation: bool
 
 
 def decoder_layer(
-    width_in: int, width_out: int, *, outermost: bool, dropout: float
+    width_in: int, width_out: int, *, outermost: bool, dropout: float, upsample: str = "transpose"
 ) -> nn.Sequential:
-    """ReLU -> ConvTranspose 4x4/2 -> BatchNorm [-> Dropout]; the outermost ends in Tanh."""
+    """ReLU -> ConvTranspose 4x4/2 (or 2x resize + Conv 3x3) -> BatchNorm [-> Dropout]; the
+    outermost ends in Tanh."""
     layers: list[nn.Module] = [nn.ReLU()]
-    layers.append(nn.ConvTranspose2d(width_in, width_out, 4, stride=2, padding=1, bias=outermost))
+    if upsample == "resize":
+        layers += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(width_in, width_out, 3, padding=1, bias=outermost),
+        ]
+    else:
+        layers.append(
+            nn.ConvTranspose2d(width_in, width_out, 4, stride=2, padding=1, bias=outermost)
+        )
     if outermost:
         layers.append(nn.Tanh())
         return nn.Sequential(*layers)
