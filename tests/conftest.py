@@ -169,3 +169,18 @@ def tiny_checkpoint(learnable_shards, tmp_path_factory) -> Path:
     )
     run = tmp_path_factory.mktemp("tiny-run")
     return train.run(cfg, learnable_shards, run, progress=False).best_checkpoint
+
+
+def write_video(path: Path, frames: int, size=(64, 48), offset: int = 0) -> None:
+    """A clip whose frame n is flat grey of level 10 * n + offset (mpeg4 in mp4)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        for n in range(frames):
+            pixels = np.full((size[1], size[0], 3), (10 * n + offset) % 256, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())

@@ -2,24 +2,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_video
 
 from tirsynth import ingest, layouts, shards, video
 from tirsynth.config import IngestConfig
-
-
-def write_video(path: Path, frames: int, size=(64, 48), offset: int = 0) -> None:
-    """A clip whose frame n is flat grey of level 10 * n + offset (mpeg4 in mp4)."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        for n in range(frames):
-            pixels = np.full((size[1], size[0], 3), (10 * n + offset) % 256, np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
 
 
 @pytest.fixture

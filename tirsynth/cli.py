@@ -601,6 +601,47 @@ def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) 
         click.echo(line)
 
 
+@bench.command("temporal")
+@click.argument("rgb_video", type=click.Path(exists=True, dir_okay=False))
+@click.argument("tir_video", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Checkpoints to score (repeatable) [the built-in model].",
+)
+@click.option("--frames", default=0, type=click.IntRange(min=0), help="First N frames (0: all).")
+@click.option("--long-side", type=click.IntRange(min=1), help="Override the working scale.")
+@precision_option
+def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precision) -> None:
+    """Flicker ratio and temporal error of per-frame generation on a registered RGB/TIR clip
+    pair, for each checkpoint and RGB luma (1 = as much frame-to-frame change as the real
+    TIR). Example: tirsynth bench temporal m3svd/visible/0113_1714.mp4
+    m3svd/infrared/0113_1714.mp4"""
+    from pathlib import Path
+
+    from tirsynth import evaluate, temporal
+    from tirsynth.checkpoint import BUILTIN
+
+    cfg = EvaluateConfig(long_side=long_side, precision=precision or "auto")
+    paths = [Path(c) for c in checkpoints] or [BUILTIN]
+    with user_errors():
+        translators = {
+            path.stem: evaluate.translator(evaluate.describe_checkpoint(path.stem, path), cfg)
+            for path in paths
+        }
+        translators["rgb-luma"] = evaluate.translator({"kind": "baseline", "name": "rgb-luma"}, cfg)
+        result = temporal.bench_temporal(rgb_video, tir_video, translators, limit=frames)
+    click.echo(
+        f"{result['frames']} frames; real TIR changes by {result['real_change']:.2f} grey "
+        "levels a frame on average"
+    )
+    click.echo(f"{'model':<28}{'flicker ratio':>15}{'temporal error':>16}")
+    for name, scores in result["models"].items():
+        click.echo(f"{name:<28}{scores['flicker_ratio']:>15.3f}{scores['temporal_error']:>16.3f}")
+
+
 @bench.command("generate-scale")
 @click.option("--images", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option(

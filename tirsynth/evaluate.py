@@ -72,13 +72,13 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     checkpoints = [inference.resolve_checkpoint(cfg.checkpoint), *map(Path, cfg.compare)]
     names = list(cfg.names) or _unique_names(checkpoints)
     models = [
-        _describe_checkpoint(name, path) for name, path in zip(names, checkpoints, strict=True)
+        describe_checkpoint(name, path) for name, path in zip(names, checkpoints, strict=True)
     ]
     if cfg.baselines:
         models += [{"name": name, "kind": "baseline"} for name in BASELINES]
     per_image, outputs_of = [], {}
     for model in models:
-        translate = _translator(model, cfg)
+        translate = translator(model, cfg)
         outputs_of[model["name"]] = translate
         samples = inference.iter_pairs(data, rows)
         bar = tqdm(total=len(rows), disable=not progress, desc=model["name"], unit="img")
@@ -195,8 +195,9 @@ def write_grids(out, data, rows, per_image, models, outputs_of, count) -> dict[s
     return grids
 
 
-def _translator(model: dict, cfg: EvaluateConfig):
-    """A function: list of RGB PIL images -> list of (H, W) uint8 outputs at their size."""
+def translator(model: dict, cfg: EvaluateConfig):
+    """A function: list of RGB PIL images -> list of (H, W) uint8 outputs at their size, for
+    a `describe_checkpoint` model or a baseline ({"kind": "baseline", "name": ...})."""
     if model["kind"] == "baseline":
         invert = model["name"] == "inverted-luma"
 
@@ -208,11 +209,11 @@ def _translator(model: dict, cfg: EvaluateConfig):
     depth = model["depth"]
     long_side = cfg.long_side or model["long_side"]
     size = inference.canvas_side(long_side, depth)
-    translator = inference.Translator(
+    generator = inference.Translator(
         model["checkpoint"], cfg.precision, tile=inference.canvas_side(cfg.tile, depth)
     )
     return lambda images: inference.translate_images(
-        images, size, lambda pixels: translator({"pixels": pixels})["tir"], long_side
+        images, size, lambda pixels: generator({"pixels": pixels})["tir"], long_side
     )
 
 
@@ -223,7 +224,7 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return gray[0].numpy().astype(np.uint8)
 
 
-def _describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
+def describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
     state = load_checkpoint(path)
     cfg = checkpoint_config(state)
     return {

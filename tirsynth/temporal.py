@@ -1,0 +1,100 @@
+"""Temporal stability of generated TIR sequences: does the per-frame model flicker?
+
+For a sequence of outputs O_t with real TIR frames R_t, both (H, W) uint8:
+
+- flicker ratio: mean |O_t - O_{t-1}| over mean |R_t - R_{t-1}|. 1 is as much
+  frame-to-frame change as the real TIR has; above 1 the output flickers, below it is
+  stiller than the scene.
+- temporal error: mean |(O_t - O_{t-1}) - (R_t - R_{t-1})|, in grey levels: change where
+  the real TIR has none, or none where it has some.
+
+Without real TIR the input's own change (its luma) stands in for R.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def temporal_scores(outputs: Iterable[np.ndarray], references: Iterable[np.ndarray]) -> dict:
+    """Flicker ratio and temporal error of a sequence against its reference sequence.
+
+    Returns:
+        {"flicker_ratio", "temporal_error", "output_change", "reference_change", "frames"}
+    """
+    output_change = reference_change = error = 0.0
+    frames = 0
+    previous = None
+    for output, reference in zip(outputs, references, strict=True):
+        current = (output.astype(np.float64), reference.astype(np.float64))
+        if previous is not None:
+            d_out, d_ref = current[0] - previous[0], current[1] - previous[1]
+            output_change += np.abs(d_out).mean()
+            reference_change += np.abs(d_ref).mean()
+            error += np.abs(d_out - d_ref).mean()
+        previous = current
+        frames += 1
+    steps = max(frames - 1, 1)
+    return {
+        "flicker_ratio": output_change / reference_change if reference_change else float("nan"),
+        "temporal_error": error / steps,
+        "output_change": output_change / steps,
+        "reference_change": reference_change / steps,
+        "frames": frames,
+    }
+
+
+def paired_frames(rgb_video: Path, tir_video: Path, limit: int = 0) -> Iterator[tuple]:
+    """(RGB PIL image, real TIR (H, W) uint8) for each frame of a registered clip pair."""
+    from tirsynth import images, video
+
+    count = min(video.frame_count(rgb_video), video.frame_count(tir_video))
+    count = min(count, limit) if limit else count
+    readers = video.FrameReader(str(rgb_video)), video.FrameReader(str(tir_video))
+    try:
+        for number in range(count):
+            rgb = readers[0].frame(number).convert("RGB")
+            tir = np.asarray(readers[1].frame(number).convert("L"))
+            yield rgb, tir
+    except images.ImageRejected:
+        return
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def bench_temporal(
+    rgb_video: str | Path,
+    tir_video: str | Path,
+    translators: dict[str, Callable[[list], list[np.ndarray]]],
+    limit: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Temporal scores of each translator (list of RGB images -> list of (H, W) uint8) on
+    a registered clip pair, against its real TIR; `limit` frames at most (0: all)."""
+    outputs: dict[str, list[np.ndarray]] = {name: [] for name in translators}
+    reals: list[np.ndarray] = []
+    batch: list = []
+
+    def flush() -> None:
+        for name, translate in translators.items():
+            outputs[name] += translate([rgb for rgb, _ in batch])
+        reals.extend(tir for _, tir in batch)
+        batch.clear()
+
+    for pair in paired_frames(Path(rgb_video), Path(tir_video), limit):
+        batch.append(pair)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    real_change = temporal_scores(reals, reals)["output_change"]
+    return {
+        "frames": len(reals),
+        "real_change": real_change,
+        "models": {name: temporal_scores(out, reals) for name, out in outputs.items()},
+    }
