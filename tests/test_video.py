@@ -80,7 +80,9 @@ def test_m3svd_as_published(shared_data, tmp_path):
     if not source.is_dir():
         pytest.skip(f"{source} is absent")
     out = tmp_path / "m3svd"
-    result = ingest.run(IngestConfig(sources=(str(source),), out=str(out)))
+    # One process: forking this test session, which holds Ray and FFmpeg state from earlier
+    # tests, once killed the session without a word (ingest forks from a plain CLI process).
+    result = ingest.run(IngestConfig(sources=(str(source),), out=str(out), workers=1))
     index = shards.read_index(out)
     counts = {
         clip: sum(1 for r in index if r["clip"] == clip) for clip in {r["clip"] for r in index}
