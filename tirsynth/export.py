@@ -35,11 +35,10 @@ def run(generated: str | Path, to: str | Path, progress: bool = True) -> int:
     index = shards.read_arrow(generated / shards.INDEX, ["shard", "shard_bytes"])
     damaged = shards.damaged_shards(generated, index)
     if damaged:  # found before anything is written
-        raise shards.damaged(
-            generated / damaged[0].split(" ")[0],
-            f"{len(damaged)} shards missing or not the size committed, this one "
-            f"{damaged[0].split(' ', 1)[1]}",
-            "export wrote nothing",
+        raise shards.DamagedFile(
+            f"{generated}: {len(damaged)} shards missing or not the size committed "
+            f"({', '.join(damaged[:3])}); export wrote nothing; run the same generate again "
+            "to redo them"
         )
     shard_column = index["shard"]
     written = 0

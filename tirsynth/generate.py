@@ -677,10 +677,10 @@ def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, geometr
     process (the limit that `bench generate-scale` compares the pipeline with).
 
     Args:
-        geometry: (model-side square, frame long side, tile), or the square alone.
+        geometry: (model-side square, frame long side, tile), from `model_geometry`.
         stats: the checkpoint's real-TIR statistics (its "tir_stats").
     """
-    size, long_side, tile = geometry if isinstance(geometry, tuple) else (geometry,) * 2 + (0,)
+    size, long_side, tile = geometry
     return StageOptions(
         preprocess={
             "listing": str(listing.folder),
