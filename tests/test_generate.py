@@ -127,7 +127,7 @@ def test_coco_labels_arrive_unchanged_and_point_to_outputs(tmp_path, tiny_checkp
     assert report["overall"]["structure"] is not None
 
     folder = tmp_path / "exported"
-    assert export.run(out, folder, progress=False) == len(SIZES)
+    assert export.run(out, folder, progress=False).images == len(SIZES)
     exported = json.loads((folder / "annotations" / "instances_val.json").read_text())
     assert exported["annotations"] == coco["annotations"]
     for entry in exported["images"]:
@@ -590,7 +590,7 @@ def test_hostile_inputs_become_rejects_and_nothing_leaves_the_given_folders(
     assert sum("outside the input folder" in r for r in reasons) == 5
     assert sum("without a file_name" in r for r in reasons) == 2
     assert all(json.dumps(r, ensure_ascii=False).encode("utf-8") for r in result.rejects)
-    assert export.run(out, to, progress=False) == 3
+    assert export.run(out, to, progress=False).images == 3
     written = sorted(p.relative_to(to).as_posix() for p in to.rglob("*") if p.is_file())
     assert written == [
         "annotations/instances_val.json", "images/val/kept.png", "images/val/sub/win.png",
@@ -645,7 +645,7 @@ def test_export_writes_only_inside_to_whatever_the_shards_say(
             sample["json"] = json.dumps(record).encode()
         shards.write_shard(shard, samples)
     to = tmp_path / "deep" / "to"
-    assert export.run(out, to, progress=False) == len(SIZES)
+    assert export.run(out, to, progress=False).images == len(SIZES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "out", "yolo"]
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["to"]
     assert (to / "escaped" / "images" / "train" / "img 0.png").is_file()
@@ -691,11 +691,10 @@ def test_damage_is_named_in_one_line_and_repaired_by_a_rerun(
     else:
         assert info.exit_code == 1
         assert "damaged Parquet file" in info.output and "Traceback" not in info.output
-    if damage == "rejects fragment":  # export reads no rejects: it has all it needs
-        assert exported.exit_code == 0
-    else:
-        assert exported.exit_code == 1 and "again" in exported.output
-        assert len(exported.output.strip().splitlines()) == 1
+    # Export reads the rejects too (the rejected frames of sequences are filled), and
+    # refuses before it writes anything.
+    assert exported.exit_code == 1 and "again" in exported.output
+    assert len(exported.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     leftovers = [out / "grids" / ".sample.png.x1y2.tmp", out / "index.parquet" / ".f.tmp"]
     for leftover in leftovers:  # what a kill during the report or a commit leaves
         leftover.parent.mkdir(exist_ok=True)

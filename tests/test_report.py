@@ -146,7 +146,7 @@ def test_a_run_is_never_lost_to_its_report(tmp_path, tiny_checkpoint, ray_sessio
         result = generate.run(cfg, progress=False)
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     assert not (out / "report.html").exists()
-    assert export.run(out, tmp_path / "files", progress=False) == result.total == 8
+    assert export.run(out, tmp_path / "files", progress=False).images == result.total == 8
     first = (out / "report.json").read_text()
     assert json.loads(first)["batches"]
     again = generate.run(cfg, progress=False)  # nothing to do

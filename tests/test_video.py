@@ -90,3 +90,38 @@ def test_m3svd_as_published(shared_data, tmp_path):
     # 560, 407, 590 and 205 frames: ceil(n / 10) each.
     assert sorted(counts.values()) == sorted(-(-n // 10) for n in (560, 407, 590, 205))
     assert not result.rejects and {(r["width"], r["height"]) for r in index} == {(640, 480)}
+
+
+def test_frames_far_ahead_or_behind_are_found_by_seeking_and_match_decoding_in_order(tmp_path):
+    clip = tmp_path / "long.mp4"
+    write_video(clip, 120)  # level 10 * n mod 256: frames 0 and 26 differ by 4 levels only
+    in_order = video.FrameReader(str(clip))
+    expected = [np.asarray(in_order.frame(n)) for n in range(120)]
+    reader = video.FrameReader(str(clip))
+    for number in (100, 7, 119, 60, 61, 0, 110, 55):
+        assert np.array_equal(np.asarray(reader.frame(number)), expected[number]), number
+    # Each jump seeks to the keyframe before its frame (mpeg4's keyframes are 12 apart)
+    # instead of decoding from the start, which would take 101 + 8 + 120 + ... frames.
+    assert reader.position == 55 and reader.decoded <= 8 * 12
+    with pytest.raises(Exception, match="ends before frame 120"):
+        reader.frame(120)
+
+
+@pytest.mark.parametrize("quality", [None, 23])
+def test_write_video_lossless_keeps_every_value_and_crf_writes_a_playable_mp4(tmp_path, quality):
+    from fractions import Fraction
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (47, 65), np.uint8) for _ in range(6)]
+    target = tmp_path / f"seq{video.video_suffix(quality)}"
+    video.write_video((Image.fromarray(f) for f in frames), target, Fraction(25), quality)
+    assert video.frame_count(target) == 6 and video.frame_rate(target) == 25
+    assert not list(tmp_path.glob(".*.tmp"))
+    reader = video.FrameReader(str(target))
+    decoded = [np.asarray(reader.frame(n).convert("L")) for n in range(6)]
+    if quality is None:
+        assert all(np.array_equal(a, b) for a, b in zip(decoded, frames, strict=True))
+    else:  # yuv420p: even sizes, lossy
+        assert decoded[0].shape == (46, 64)

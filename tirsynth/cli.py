@@ -242,14 +242,15 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     "input_",
     required=True,
     type=click.Path(exists=True),
-    help="Folder, COCO or YOLO root, text list of paths, or pair shards.",
+    help="Folder (images, numbered frames, videos), COCO or YOLO root, MOT / GOT-10k / "
+    "LaSOT tree, a video file, a text list of paths, or pair shards.",
 )
 @out_option
 @checkpoint_option
 @click.option(
     "--kind",
     "input_kind",
-    type=click.Choice(["auto", "folder", "coco", "yolo", "list", "shards"]),
+    type=click.Choice(["auto", "folder", "coco", "yolo", "list", "shards", "video", "sequences"]),
     help="Input kind [auto: detected].",
 )
 @click.option("--split", help="Pair-shard input: only this split.")
@@ -349,13 +350,46 @@ def save_weights(checkpoint, out, dtype) -> None:
 @cli.command()
 @click.argument("generated", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", required=True, type=click.Path(file_okay=False), help="Target folder.")
-def export(generated, to) -> None:
-    """Write a generate run's outputs as a folder tree mirroring its input, labels beside."""
+@click.option(
+    "--video",
+    "video_quality",
+    metavar="lossless|CRF",
+    help="Also write each sequence as one video beside its folder: 'lossless' (FFV1 .mkv) "
+    "or an H.264 CRF, 0-51, lower is better (.mp4).",
+)
+def export(generated, to, video_quality) -> None:
+    """Write a generate run's outputs as a folder tree mirroring its input, labels beside.
+
+    \b
+    Example:
+      tirsynth export runs/tir --to runs/tir-files --video lossless
+    """
     from tirsynth import export as export_stage
 
+    quality = _video_quality(video_quality)
     with user_errors():
-        count = export_stage.run(generated, to)
-    click.echo(f"exported {count} images to {to}")
+        result = export_stage.run(generated, to, video_quality=quality)
+    click.echo(f"exported {result.images} images to {to}")
+    if result.filled_frames:
+        click.echo(f"{result.filled_frames} rejected frames of sequences written as a copy of "
+                   "their nearest generated frame (see rejects.parquet)")  # fmt: skip
+    if result.empty_sequences:
+        names = ", ".join(result.empty_sequences[:5])
+        click.echo(f"warning: {len(result.empty_sequences)} sequences had no frame generated "
+                   f"and were not written: {names}", err=True)  # fmt: skip
+    if result.videos:
+        click.echo(f"wrote {result.videos} sequence videos")
+
+
+def _video_quality(text: str | None) -> int | None | bool:
+    """--video: False (none), None (lossless) or a CRF."""
+    if text is None:
+        return False
+    if text == "lossless":
+        return None
+    if text.isdigit() and int(text) <= 51:
+        return int(text)
+    raise click.BadParameter("'lossless' or a CRF from 0 to 51", param_hint="--video")
 
 
 @cli.command()

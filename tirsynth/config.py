@@ -196,7 +196,7 @@ class TrainConfig:
             )
 
 
-CorpusKind = Literal["auto", "folder", "coco", "yolo", "list", "shards"]
+CorpusKind = Literal["auto", "folder", "coco", "yolo", "list", "shards", "video", "sequences"]
 GeneratePrecision = Literal["auto", "fp32", "bf16", "fp16"]
 
 

@@ -1,8 +1,11 @@
-"""RGB corpora that `generate` reads: a folder tree, COCO, YOLO, a list of paths, or pair shards.
+"""RGB corpora that `generate` reads: a folder tree, COCO, YOLO, a list of paths, pair
+shards, a video, or a tracking layout (MOT, GOT-10k, LaSOT).
 
 `discover_corpus` finds the input's kind; its listing then streams every input image
 with a stable key, its path relative to the corpus root (which `export` mirrors) and the
-labels that came with it, in its own format. Inputs that cannot be used become rejects
+labels that came with it, in its own format, and for the frames of a sequence (a video,
+numbered frames, a tracking layout's sequence: `tirsynth.sequences`) its sequence and
+frame number. Inputs that cannot be used become rejects
 with a reason. `write_listing` streams the images still to do into Parquet files that the
 generate pipeline reads a row group at a time, so no stage holds the corpus in memory.
 """
@@ -21,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tirsynth import shards
+from tirsynth import sequences, shards, video
 from tirsynth.config import CorpusKind
 from tirsynth.containment import (
     NOT_UTF8,
@@ -48,6 +51,16 @@ class InputImage:
     path: str = ""  # the file to read ('' for pair shards)
     shard: str = ""  # pair shards: the shard holding the RGB (and the real TIR)
     labels: str = "{}"  # JSON: the labels that came with the image, in the input's format
+    sequence: str | None = None  # frames of a sequence: its name (see tirsynth.sequences)
+    frame: int | None = None  # and the frame's number in it
+
+
+@dataclass(frozen=True)
+class SequenceFile:
+    """A tracking layout's label or metadata file, carried through unchanged."""
+
+    relpath: str
+    path: Path
 
 
 @dataclass
@@ -59,6 +72,8 @@ class Corpus:
     # COCO: json name -> path. Each is read when listed and when its copy is written, not
     # held for the run (COCO's train json is hundreds of MB of Python objects).
     coco_files: dict[str, Path] = field(default_factory=dict)
+    # Tracking layouts: the sequences' label files, listed again at each call.
+    sequence_files: Callable[[], Iterator[SequenceFile]] = lambda: iter(())
 
     def images(self) -> list[InputImage]:
         """Every image, keys made unique (`unique_key`): for corpora that fit in memory."""
@@ -89,6 +104,15 @@ def discover_corpus(source: str | Path, kind: CorpusKind = "auto", split: str | 
     if kind == "shards":
         _check_split(root, split)
         return Corpus(kind, root, lambda: _list_shards(root, split))
+    if kind == "sequences":
+        return Corpus(
+            kind,
+            root,
+            lambda: (e for e in _list_tracking(root) if not isinstance(e, SequenceFile)),
+            sequence_files=lambda: (e for e in _list_tracking(root) if isinstance(e, SequenceFile)),
+        )  # fmt: skip
+    if kind == "video":
+        return Corpus(kind, root.parent, lambda: _video_frames(root.name, root))
     readers = {"folder": _list_folder, "yolo": _list_yolo, "list": _list_file}
     base = root.parent if kind == "list" else root
     return Corpus(kind, base, lambda: readers[kind](root))
@@ -96,13 +120,15 @@ def discover_corpus(source: str | Path, kind: CorpusKind = "auto", split: str | 
 
 def detect_kind(root: Path) -> str:
     if root.is_file():
-        return "list"
+        return "video" if video.is_video(root) else "list"
     if (root / shards.INDEX).exists():
         return "shards"
     if _coco_jsons(root):
         return "coco"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "yolo"
+    if sequences.is_tracking_layout(root):
+        return "sequences"
     return "folder"
 
 
@@ -112,14 +138,95 @@ def output_relpath(relpath: str) -> str:
 
 
 def _list_folder(root: Path) -> Iterator[InputImage | Reject]:
+    """Images, and the frames of every video; a folder of numbered frames
+    (`sequences.is_numbered_folder`) is a sequence, named by its path (the root's by its
+    name)."""
+    numbered = _FolderCache(root, sequences.is_numbered_folder)
     for rel, problem in walk_files(root):
         path = root / rel
         if problem:
             yield _reject(rel, path, problem)
+        elif video.is_video(rel):
+            yield from _video_frames(rel, path)
         elif Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-            yield InputImage(_key(rel), rel, str(path))
+            folder = os.path.dirname(rel)
+            if numbered(folder):
+                sequence, frame = folder or root.name, sequences.frame_number(rel)
+                yield InputImage(_key(rel), rel, str(path), sequence=sequence, frame=frame)
+            else:
+                yield InputImage(_key(rel), rel, str(path))
         else:
             yield _reject(rel, path, "not an image file")
+
+
+def _list_tracking(root: Path) -> Iterator[InputImage | Reject | SequenceFile]:
+    """A MOT, GOT-10k or LaSOT tree: every image is a frame of its sequence
+    (`sequences.sequence_of`), every video a sequence of its own, every other file a
+    sequence file carried through unchanged."""
+    for rel, problem in walk_files(root):
+        path = root / rel
+        if problem:
+            yield _reject(rel, path, problem)
+        elif video.is_video(rel):
+            yield from _video_frames(rel, path)
+        elif Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+            sequence, frame = sequences.sequence_of(rel), sequences.frame_number(rel)
+            yield InputImage(_key(rel), rel, str(path), sequence=sequence or root.name, frame=frame)
+        else:
+            try:
+                size = path.stat().st_size
+            except OSError as error:
+                yield _reject(rel, path, f"cannot read the sequence file: {error.strerror}")
+                continue
+            if size > sequences.MAX_SEQUENCE_FILE_BYTES:
+                yield _reject(rel, path, f"sequence file too large to carry ({size} bytes)")
+            else:
+                yield SequenceFile(rel, path)
+
+
+def _video_frames(rel: str, path: Path) -> Iterator[InputImage | Reject]:
+    """One entry per frame of a video: `<video path without suffix>/<frame>.png`, frames
+    counted from 1, the video's frame rate in the labels (for `export --video`). A video
+    cut short gives its frames and a reject for each frame its index promises beyond."""
+    try:
+        info = video.probe(path)
+    except ValueError as error:
+        yield _reject(rel, path, str(error))
+        return
+    if info.frames == 0 and not info.declared:
+        yield _reject(rel, path, "video without frames")
+        return
+    sequence = os.path.splitext(rel)[0]
+    labels = json.dumps({"video": rel, "frame_rate": str(info.rate)})
+    for number in range(1, max(info.frames, info.declared) + 1):
+        frame_rel = f"{sequence}/{number:06d}.png"
+        if number > info.frames:
+            reason = f"video cut short: {info.frames} of its {info.declared} frames present"
+            yield {**_reject(frame_rel, path, reason), "relpath": frame_rel,
+                   "sequence": sequence, "frame": str(number)}  # fmt: skip
+            continue
+        yield InputImage(
+            _key(frame_rel), frame_rel, video.frame_path(path, number - 1), labels=labels,
+            sequence=sequence, frame=number,
+        )  # fmt: skip
+
+
+class _FolderCache:
+    """`test(names of the folder's files)` for the folder being walked (walk_files lists
+    a folder's files together, so one folder is kept at a time)."""
+
+    def __init__(self, root: Path, test: Callable[[list[str]], bool]) -> None:
+        self.root, self.test, self.folder, self.result = root, test, None, False
+
+    def __call__(self, folder: str) -> bool:
+        if folder != self.folder:
+            try:
+                with os.scandir(self.root / folder) as entries:
+                    names = [e.name for e in entries if not e.is_dir()]
+            except OSError:
+                names = []
+            self.folder, self.result = folder, self.test(names)
+        return self.result
 
 
 def _list_file(list_file: Path) -> Iterator[InputImage | Reject]:
@@ -306,12 +413,16 @@ def unique_key(image: InputImage, colliding: set[str]) -> InputImage:
         image.path,
         image.shard,
         image.labels,
+        image.sequence,
+        image.frame,
     )
 
 
 LISTING_SCHEMA = pa.schema(
     [(name, pa.string())
-     for name in ("key", "relpath", "path", "shard", "labels", "source", "input_path")]
+     for name in ("key", "relpath", "path", "shard", "labels", "source", "input_path",
+                  "sequence")]
+    + [("frame", pa.int64())]
 )  # fmt: skip
 
 
@@ -423,8 +534,13 @@ def _listing_row(image: InputImage) -> dict[str, str]:
         "labels": image.labels,
         "source": image.path or f"{image.shard}:{image.key}",
         "input_path": image.path or image.shard,
+        "sequence": image.sequence,
+        "frame": image.frame,
     }
 
 
-def _input_image(row: dict[str, str]) -> InputImage:
-    return InputImage(row["key"], row["relpath"], row["path"], row["shard"], row["labels"])
+def _input_image(row: dict[str, Any]) -> InputImage:
+    return InputImage(
+        row["key"], row["relpath"], row["path"], row["shard"], row["labels"], row["sequence"],
+        row["frame"],
+    )  # fmt: skip

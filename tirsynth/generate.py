@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, cluster, images, inference, metrics, shards
+from tirsynth import __version__, cluster, images, inference, metrics, shards, video
 from tirsynth.checkpoint import (
     WEIGHTS_SUFFIX,
     check_generator_weights,
@@ -48,6 +48,7 @@ from tirsynth.checkpoint import (
     weights_bytes,
 )
 from tirsynth.config import GenerateConfig, to_dict
+from tirsynth.containment import target_inside
 from tirsynth.corpus import (
     COCO_PREFIX,
     Corpus,
@@ -59,12 +60,15 @@ from tirsynth.corpus import (
     write_listing,
 )
 from tirsynth.report import REPORT_HTML, write_report_or_warn
+from tirsynth.sequences import SEQUENCE_FILES
+from tirsynth.shards import atomic_output
 
 SHARD_PREFIX = "tir"
 LOCK = ".generate.lock"
 LISTING = ".listing.tmp"  # what this run still has to do; a rerun lists again
 REPORT = "report.json"
-REJECT_COLUMNS = ("key", "path", "reason")
+# relpath, sequence and frame: for the frames of a sequence, which `export` fills.
+REJECT_COLUMNS = ("key", "path", "reason", "relpath", "sequence", "frame")
 READ_ATTEMPTS = 3  # reads of an input before a transient error becomes a reject
 RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it again
 CPU_BATCH, GPU_BATCH = 8, 64  # default images per model call without and with a GPU
@@ -77,7 +81,7 @@ MIN_STREAMING_BUDGET = 32 << 20
 # runs as several pipelines over windows of the listing, one after another.
 WINDOW_BLOCKS = 16384
 # Input columns each stage hands on untouched, for the worker that writes the shard.
-PASSED_THROUGH = ("relpath", "labels", "source", "input_path")
+PASSED_THROUGH = ("relpath", "labels", "source", "input_path", "sequence", "frame")
 
 
 @dataclass(frozen=True)
@@ -120,13 +124,15 @@ def run(cfg: GenerateConfig, progress: bool = True) -> GenerateResult:
     started = time.time()
     with shards.exclusive_lock(out, LOCK, "generate"):
         _refuse_changed_options(out, options, cfg.overwrite)
-        extra = (REPORT, cluster.LOG_NAME, *(COCO_PREFIX + name for name in corpus.coco_files))
+        coco_copies = (COCO_PREFIX + name for name in corpus.coco_files)
+        extra = (REPORT, cluster.LOG_NAME, SEQUENCE_FILES, *coco_copies)
         index = shards.prepare_output(
             out, fingerprint, cfg.overwrite, (SHARD_PREFIX,), "generate", extra
         )
         if cfg.retry_rejects:  # their inputs are pending again; a kill leaves them pending
             for fragment in shards.fragments(out / shards.REJECTS):
                 fragment.unlink()
+        copy_sequence_files(corpus, out)
         totals = RunTotals()
         totals.add_table(index)
         listing = _list_pending(out, corpus, index["key"].combine_chunks(), cfg.cpu_batch)
@@ -345,6 +351,7 @@ def score_output(pixels, tir_square, tir, content, real_bytes, real_stats) -> di
 INDEX_SCHEMA = pa.schema(
     [("key", pa.string()), ("relpath", pa.string()), ("source", pa.string()),
      ("width", pa.int64()), ("height", pa.int64()), ("input_kind", pa.string()),
+     ("sequence", pa.string()), ("frame", pa.int64()),
      ("shard", pa.string()), ("shard_bytes", pa.int64()), ("node", pa.string())]
     + [(name, pa.float64()) for name in metrics.QUALITY_FIELDS]
 )  # fmt: skip
@@ -366,10 +373,9 @@ def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -
     keys = [str(k) for k in batch["key"]]
     name = f"{SHARD_PREFIX}-{hashlib.sha1(chr(10).join(sorted(keys)).encode()).hexdigest()[:16]}"
     samples, rows, rejects = [], [], []
-    for i, key in enumerate(keys):
+    for i in range(len(keys)):
         if batch["error"][i]:
-            rejects.append({"key": key, "path": str(batch["input_path"][i]),
-                            "reason": str(batch["error"][i])})  # fmt: skip
+            rejects.append(_reject_record(batch, i))
             continue
         sample, row = _output_sample(batch, i, input_kind)
         samples.append(sample)
@@ -405,11 +411,34 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def _reject_record(batch, i) -> dict[str, str | None]:
+    sequence, frame = _sequence_frame(batch, i)
+    return {
+        "key": str(batch["key"][i]),
+        "path": str(batch["input_path"][i]),
+        "reason": str(batch["error"][i]),
+        "relpath": str(batch["relpath"][i]),
+        "sequence": sequence,
+        "frame": None if frame is None else str(frame),
+    }
+
+
+def _sequence_frame(batch, i) -> tuple[str | None, int | None]:
+    """(sequence, frame) of item i, None for an image outside any sequence (Ray Data
+    hands an all-null column on as NaN or None)."""
+    sequence = batch["sequence"][i] if "sequence" in batch else None
+    if not isinstance(sequence, str):
+        return None, None
+    frame = batch["frame"][i]
+    return sequence, None if frame is None or frame != frame else int(frame)
+
+
 def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tar sample, index row) of output i of a finished batch."""
     key = str(batch["key"][i])
     scores = json.loads(batch["metrics"][i])
     width, height = int(batch["width"][i]), int(batch["height"][i])
+    sequence, frame = _sequence_frame(batch, i)
     record = {
         "key": key,
         "source": str(batch["source"][i]),
@@ -419,6 +448,8 @@ def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]
         "labels": json.loads(batch["labels"][i]),
         "metrics": scores,
     }
+    if sequence is not None:
+        record.update(sequence=sequence, frame=frame)
     sample = {"__key__": key, "tir.png": batch["tir_png"][i], "json": json.dumps(record).encode()}
     if batch["rgb"][i]:
         sample[f"rgb.{_image_extension(batch['rgb'][i])}"] = batch["rgb"][i]
@@ -429,6 +460,8 @@ def _output_sample(batch, i, input_kind) -> tuple[dict[str, Any], dict[str, Any]
         "width": width,
         "height": height,
         "input_kind": input_kind,
+        "sequence": sequence,
+        "frame": frame,
         **scores,
     }
     return sample, row
@@ -745,6 +778,9 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
         if shard:
             wanted_by_shard.setdefault(shard, set()).add(key)
             continue
+        if video.parse_frame_path(path) is not None:
+            sources[key] = _read_video_frame(path)
+            continue
         try:
             sources[key] = (read_with_retries(Path(path)), b"", "")
         except OSError as err:
@@ -758,6 +794,27 @@ def _read_sources(keys, paths, shard_names, root) -> dict[str, tuple[bytes, byte
         for key in wanted - sources.keys():
             sources[key] = (b"", b"", f"sample missing from pair shard {shard}")
     return sources
+
+
+def _read_video_frame(path: str) -> tuple[bytes, bytes, str]:
+    try:
+        return video.read_frame(path, "rgb").data, b"", ""
+    except images.ImageRejected as err:
+        return b"", b"", str(err)
+    except OSError as err:
+        return b"", b"", f"unreadable video: {err.strerror or err}"
+    except Exception as err:  # a codec bug must cost one frame, not the run
+        return b"", b"", failure_reason(err)
+
+
+def copy_sequence_files(corpus: Corpus, out: Path) -> None:
+    """Keep a copy of a tracking layout's label files in `out/sequence_files`, so that
+    `export` needs nothing of the input (every run copies them again: they are small)."""
+    for item in corpus.sequence_files():
+        target = target_inside(out / SEQUENCE_FILES, item.relpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(target, durable=False) as handle, open(item.path, "rb") as source:
+            shutil.copyfileobj(source, handle)
 
 
 def read_with_retries(path: Path, attempts: int = READ_ATTEMPTS) -> bytes:

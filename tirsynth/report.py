@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tirsynth import metrics, shards
+from tirsynth import metrics, shards, video
 from tirsynth.quality import write_image_grid
 from tirsynth.shards import atomic_output
 
@@ -377,6 +377,8 @@ def _grid_cells(run_dir: Path, input_root: Path, rows: list[dict]) -> dict[str, 
         if pair is not None:
             rgb_bytes = next(v for k, v in pair.items() if k.startswith("rgb."))
             real = shards.decode_tir_8bit(next(v for k, v in pair.items() if k.startswith("tir.")))
+        elif video.parse_frame_path(row["source"]) is not None:
+            rgb_bytes, real = video.read_frame(row["source"], "rgb").data, None
         else:
             rgb_bytes, real = Path(row["source"]).read_bytes(), None
         rgb = ImageOps.exif_transpose(Image.open(io.BytesIO(rgb_bytes))).convert("RGB")

@@ -1,0 +1,217 @@
+"""Sequences through generate and export: MOT, GOT-10k and LaSOT trees, numbered frames
+and videos come back in their own layout, frame for frame, labels byte for byte."""
+
+import configparser
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_video
+from PIL import Image
+from test_generate import generate_cfg
+
+from tirsynth import corpus, export, generate, sequences, shards, video
+from tirsynth.cli import cli
+
+SEQINFO = (
+    b"[Sequence]\r\nname={name}\r\nimDir=img1\r\nframeRate=25\r\nseqLength=6\r\n"
+    b"imWidth=64\r\nimHeight=48\r\nimExt=.jpg\r\n"
+)
+
+
+def write_frame(path: Path, seed: int, size=(64, 48)) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_mot(root: Path) -> dict[str, bytes]:
+    """Two MOT sequences under train/, six frames each; frame 4 of the second is broken.
+    Returns every label file's bytes by path."""
+    labels = {}
+    for number, name in enumerate(("MOT-01", "MOT-02")):
+        seq = root / "train" / name
+        for frame in range(1, 7):
+            write_frame(seq / "img1" / f"{frame:06d}.jpg", 10 * number + frame)
+        labels[f"train/{name}/gt/gt.txt"] = b"1,1,10,10,20,20,1,1,1.0\r\n2,1,11,10,20,20,1,1,1\n"
+        labels[f"train/{name}/det/det.txt"] = b"1,-1,10,10,20,20,0.93\n"
+        labels[f"train/{name}/seqinfo.ini"] = SEQINFO.replace(b"{name}", name.encode())
+    (root / "train" / "MOT-02" / "img1" / "000004.jpg").write_bytes(b"not a jpeg")
+    for rel, data in labels.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return labels
+
+
+def test_frame_numbers_sequence_names_and_numbered_folders():
+    assert sequences.frame_number("a/img1/000042.jpg") == 42
+    assert sequences.frame_number("a/frame_7.png") == 7
+    assert sequences.frame_number("a/cover.jpg") is None
+    assert sequences.sequence_of("train/MOT17-02/img1/000001.jpg") == "train/MOT17-02"
+    assert sequences.sequence_of("airplane/airplane-1/img/00000001.jpg") == "airplane/airplane-1"
+    assert sequences.sequence_of("GOT-10k_Train_000001/00000001.jpg") == "GOT-10k_Train_000001"
+    assert sequences.is_numbered_folder(["000001.jpg", "000002.jpg", "000004.jpg", "notes.txt"])
+    # COCO's file names are numbers too, far apart: not a sequence.
+    assert not sequences.is_numbered_folder(["000000391895.jpg", "000000397133.jpg"])
+    assert not sequences.is_numbered_folder(["1.jpg", "cat.jpg"])
+    assert not sequences.is_numbered_folder(["1.jpg"])
+
+
+def test_seqinfo_keeps_every_byte_but_the_image_extension():
+    seqinfo = SEQINFO.replace(b"{name}", b"MOT-01") + b"; comment imExt=.jpg\r\n"
+    updated = sequences.set_image_extension(seqinfo, ".png")
+    assert updated == seqinfo.replace(b"imExt=.jpg\r\n", b"imExt=.png\r\n", 1)
+    assert sequences.frame_rate_of(seqinfo) == 25
+    assert sequences.frame_rate_of(b"[Sequence]\nframeRate=0\n") is None
+
+
+def test_mot_tree_comes_back_as_a_mot_tree(tmp_path, tiny_checkpoint, ray_session):
+    source = tmp_path / "mot"
+    labels = make_mot(source)
+    assert corpus.detect_kind(source) == "sequences"
+    out, to = tmp_path / "out", tmp_path / "exported"
+    # Tasks of two frames: each starts in the middle of its sequence.
+    result = generate.run(generate_cfg(source, out, tiny_checkpoint, cpu_batch=2), progress=False)
+    assert result.generated == 11 and [r["frame"] for r in result.rejects] == ["4"]
+    rows = shards.read_index(out, ["relpath", "sequence", "frame"])
+    assert sorted((r["sequence"], r["frame"]) for r in rows) == sorted(
+        [("train/MOT-01", n) for n in range(1, 7)] + [("train/MOT-02", n) for n in (1, 2, 3, 5, 6)]
+    )
+    exported = export.run(out, to, progress=False)
+    assert (exported.images, exported.filled_frames, exported.empty_sequences) == (11, 1, [])
+
+    # Read as a MOT loader does: seqinfo.ini names the folder, extension and length.
+    for name in ("MOT-01", "MOT-02"):
+        seq = to / "train" / name
+        info = configparser.ConfigParser()
+        info.read(seq / "seqinfo.ini")
+        ext, length = info["Sequence"]["imExt"], int(info["Sequence"]["seqLength"])
+        frames = sorted((seq / info["Sequence"]["imDir"]).glob(f"*{ext}"))
+        assert [f.name for f in frames] == [f"{n:06d}.png" for n in range(1, length + 1)]
+        for frame in frames:
+            with Image.open(frame) as image:
+                assert image.mode == "L" and image.size == (64, 48)
+    for rel, data in labels.items():
+        expected = data.replace(b".jpg", b".png") if rel.endswith("seqinfo.ini") else data
+        assert (to / rel).read_bytes() == expected, rel
+    # The rejected frame is its nearest generated neighbour (the earlier one on a tie).
+    img1 = to / "train" / "MOT-02" / "img1"
+    assert (img1 / "000004.png").read_bytes() == (img1 / "000003.png").read_bytes()
+
+
+@pytest.mark.parametrize("layout", ["got10k", "lasot"])
+def test_single_object_layouts_keep_their_folders_and_label_files(
+    tmp_path, tiny_checkpoint, ray_session, layout
+):
+    source = tmp_path / layout
+    if layout == "got10k":
+        frames = [f"GOT-10k_Train_{s:06d}/{n:08d}.jpg" for s in (1, 2) for n in range(1, 4)]
+        label_files = ["list.txt"] + [
+            f"GOT-10k_Train_{s:06d}/{name}"
+            for s in (1, 2)
+            for name in ("groundtruth.txt", "absence.label", "meta_info.ini")
+        ]
+    else:
+        frames = [f"airplane/airplane-{s}/img/{n:08d}.jpg" for s in (1, 2) for n in range(1, 4)]
+        label_files = [
+            f"airplane/airplane-{s}/{name}"
+            for s in (1, 2)
+            for name in ("groundtruth.txt", "full_occlusion.txt", "nlp.txt")
+        ]
+    for seed, rel in enumerate(frames):
+        write_frame(source / rel, seed)
+    for number, rel in enumerate(label_files):
+        (source / rel).write_bytes(f"10,20,30,40\n{number},0,0,1\n".encode())
+    out, to = tmp_path / "out", tmp_path / "exported"
+    result = generate.run(generate_cfg(source, out, tiny_checkpoint), progress=False)
+    assert result.generated == 6 and not result.rejects
+    export.run(out, to, progress=False)
+    for rel in frames:
+        assert (to / rel).with_suffix(".png").is_file(), rel
+    for rel in label_files:
+        assert (to / rel).read_bytes() == (source / rel).read_bytes(), rel
+    names = {r["sequence"] for r in shards.read_index(out, ["sequence"])}
+    assert names == {sequences.sequence_of(rel) for rel in frames}
+
+
+def test_video_frames_in_order_with_a_video_out(tmp_path, tiny_checkpoint, ray_session):
+    clip = tmp_path / "videos" / "clip.mp4"
+    write_video(clip, 9)  # frame n is flat grey of level 10 * n
+    assert corpus.detect_kind(clip) == "video"
+    out, to = tmp_path / "out", tmp_path / "exported"
+    cfg = generate_cfg(clip, out, tiny_checkpoint, cpu_batch=2, keep_rgb=True)
+    result = generate.run(cfg, progress=False)
+    assert result.generated == 9 and not result.rejects
+    for row in shards.read_index(out, ["shard", "key", "frame", "sequence"]):
+        assert row["sequence"] == "clip"
+        sample = shards.read_samples(out / row["shard"], {row["key"]})[row["key"]]
+        rgb = next(v for k, v in sample.items() if k.startswith("rgb."))
+        level = np.asarray(Image.open(io.BytesIO(rgb)).convert("L")).mean()
+        assert abs(level - 10 * (row["frame"] - 1)) < 3, row  # frame N is the video's Nth
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["export", str(out), "--to", str(to), "--video", "lossless"])
+    assert exported.exit_code == 0, exported.output
+    frames = sorted((to / "clip").glob("*.png"))
+    assert [f.name for f in frames] == [f"{n:06d}.png" for n in range(1, 10)]
+    reader = video.FrameReader(str(to / "clip.mkv"))
+    assert video.frame_rate(to / "clip.mkv") == 10  # the input's rate
+    for number, frame in enumerate(frames):
+        decoded = reader.frame(number).convert("L")
+        assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(frame)))
+    assert runner.invoke(cli, ["export", str(out), "--to", str(to), "--video", "99"]).exit_code == 2
+
+
+def write_indexed_video(path: Path, frames: int) -> None:
+    """An mp4 with its index first (`-movflags faststart`), as streamed files are: cut
+    short, it still promises every frame."""
+    import av
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for n in range(frames):
+            pixels = np.random.default_rng(n).integers(0, 256, (48, 64, 3), np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_broken_videos_are_rejects_and_numbered_frames_a_sequence(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    source = tmp_path / "mixed"
+    write_video(source / "good.mp4", 4)
+    data = (source / "good.mp4").read_bytes()
+    (source / "garbage.mp4").write_bytes(bytes(range(256)) * 8)
+    (source / "no_index.mp4").write_bytes(data[: len(data) // 2])  # its index was at the end
+    write_indexed_video(tmp_path / "whole.mp4", 20)
+    whole = (tmp_path / "whole.mp4").read_bytes()
+    (source / "cut.mp4").write_bytes(whole[: len(whole) // 2])
+    for n in (1, 2, 3, 5):
+        write_frame(source / "walk" / f"frame_{n:04d}.png", n)
+    write_frame(source / "photos" / "000000391895.jpg", 9)
+    out = tmp_path / "out"
+    result = generate.run(generate_cfg(source, out, tiny_checkpoint), progress=False)
+    reasons = {Path(r["path"]).name: r["reason"] for r in result.rejects}
+    assert "not a readable video" in reasons["garbage.mp4"]
+    assert "cut short" in reasons["no_index.mp4"]
+    rows = {r["relpath"]: r for r in shards.read_index(out, ["relpath", "sequence", "frame"])}
+    # The cut video: the frames present are generated, each missing one is a reject.
+    present = sorted(r["frame"] for r in rows.values() if r["sequence"] == "cut")
+    missing = sorted(int(r["frame"]) for r in result.rejects if r["sequence"] == "cut")
+    assert present == list(range(1, len(present) + 1)) and len(present) < 20
+    assert missing == list(range(len(present) + 1, 21))
+    assert "cut short" in reasons["cut.mp4"]
+    assert [rows[f"good/{n:06d}.png"]["frame"] for n in range(1, 5)] == [1, 2, 3, 4]
+    assert rows["walk/frame_0005.png"]["sequence"] == "walk"
+    assert rows["walk/frame_0005.png"]["frame"] == 5
+    assert rows["photos/000000391895.jpg"]["sequence"] is None
+    manifest = json.loads((out / shards.MANIFEST).read_text())
+    assert manifest["input_kind"] == "folder"
+    # Export: frame N exists for every N the video promised; the missing ones are copies.
+    to = tmp_path / "exported"
+    exported = export.run(out, to, progress=False)
+    assert exported.filled_frames == len(missing)
+    assert sorted(p.name for p in (to / "cut").iterdir()) == [f"{n:06d}.png" for n in range(1, 21)]
