@@ -69,3 +69,28 @@ def test_gradient_loss_of_magnitudes_pays_for_misplaced_texture_derivatives_do_n
     assert gradient_term(elsewhere, magnitude) < 0.6 * gradient_term(flat, magnitude)
     assert gradient_term(elsewhere, derivatives) > gradient_term(flat, derivatives)
     assert gradient_term(real, derivatives) == pytest.approx(0, abs=1e-6)
+
+
+def test_d_augment_moves_rgb_and_tir_together_is_seeded_and_lets_gradient_through():
+    from tirsynth.losses import augment_pairs
+
+    ramp = torch.arange(32.0).view(1, 1, 1, 32).expand(4, 4, 32, 32).contiguous()
+    cond = ramp[:, :3].clone().requires_grad_(True)
+    rgb, tir = augment_pairs(cond, ramp[:, 3:], "color,translation,cutout", seed=7)
+    assert rgb.shape == (4, 3, 32, 32) and tir.shape == (4, 1, 32, 32)
+    # One transform per sample for the stacked pair: the TIR moved as its RGB did.
+    shifted, _ = augment_pairs(ramp[:, :3], ramp[:, 3:], "translation", seed=1)
+    assert torch.equal(
+        shifted[:, :1], augment_pairs(ramp[:, :3], ramp[:, 3:], "translation", seed=1)[1]
+    )
+    assert not torch.equal(shifted, ramp[:, :3])
+    again, _ = augment_pairs(cond, ramp[:, 3:], "color,translation,cutout", seed=7)
+    assert torch.equal(rgb, again)
+    cut, _ = augment_pairs(torch.ones(4, 3, 32, 32), torch.ones(4, 1, 32, 32), "cutout", seed=0)
+    assert ((cut == 0).float().mean(dim=(1, 2, 3)) > 0.1).all()  # each sample loses a square
+    rgb.sum().backward()
+    assert cond.grad is not None and cond.grad.abs().sum() > 0
+    plain = augment_pairs(cond, ramp[:, 3:], "")
+    assert plain[0] is cond and torch.equal(plain[1], ramp[:, 3:])
+    with pytest.raises(ValueError, match="d_augment"):
+        LossConfig(d_augment="mixup")

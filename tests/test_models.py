@@ -141,3 +141,18 @@ def test_resize_upsampling_leaves_no_checkerboard():
     assert centres["resize"].std() < 1e-6 < centres["transpose"].std()
     with pytest.raises(ValueError, match="upsample"):
         ModelConfig(upsample="bilinear")
+
+
+def test_spectral_discriminator_has_no_batchnorm_and_unit_spectral_norm():
+    cfg = ModelConfig(ndf=8, disc_norm="spectral")
+    disc = build_discriminator(cfg)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(hasattr(m, "parametrizations") for m in convs)
+    disc.train()
+    for _ in range(20):  # power iteration converges while D runs
+        disc(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64))
+    weight = convs[1].weight.flatten(1)
+    assert torch.linalg.matrix_norm(weight, ord=2).item() == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="disc_norm"):
+        ModelConfig(disc_norm="layer")

@@ -111,6 +111,25 @@ def test_feature_matching_pulls_g_towards_ds_view_of_the_real_pair(learnable_sha
     assert losses["g"] == pytest.approx(total, rel=1e-5)
 
 
+def test_spectral_d_and_d_augment_train_with_finite_losses(learnable_shards):
+    """model.disc_norm=spectral and loss.d_augment: a step updates G and D; D's view of a
+    pair is augmented in both steps, so its logits on the same pair differ from call to
+    call while the model's own forward does not."""
+    cfg = tiny_cfg("model.disc_norm=spectral", "loss.d_augment=color,translation,cutout",
+                   "loss.feature_matching=10")  # fmt: skip
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
+                                                  batch_size=3)))  # fmt: skip
+    before = [p.detach().clone() for p in disc.parameters()]
+    losses = train.train_step(
+        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
+        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
+        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+    )  # fmt: skip
+    assert all(math.isfinite(v) for v in losses.values()) and losses["g_feature_matching"] > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, disc.parameters(), strict=True))
+
+
 def test_power_ema_weights_later_steps_more(learnable_shards, tmp_path):
     cfg = tiny_cfg("train.max_steps=12", "train.epochs=100", "train.ema_power=3")
     result = train.run(cfg, learnable_shards, tmp_path / "ema", progress=False)

@@ -73,6 +73,7 @@ class ModelConfig:
     skips: str | tuple[int, ...] = "sparse"  # sparse | dense | low | high | explicit levels
     dropout: float = 0.5  # in the three decoder layers after the innermost
     disc_layers: int = 3  # 3: the 70x70 PatchGAN
+    disc_norm: Literal["batch", "spectral"] = "batch"  # spectral: SN convs, no BatchNorm
     # G's decoder: transposed convs (the paper) or resize + conv (no checkerboard artefacts)
     upsample: Literal["transpose", "resize"] = "transpose"
 
@@ -93,6 +94,9 @@ class ModelConfig:
         return tuple(self.skips)
 
 
+AUGMENTS = ("color", "translation", "cutout")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Generator objective weights (paper Eq. 7); 0 removes a term and its cost."""
@@ -108,9 +112,16 @@ class LossConfig:
     # L1 between D's activations on the real and on the generated pair, layer by layer
     # (pix2pixHD's feature matching, weight 10 there): D's view of texture, for G.
     feature_matching: float = 0.0
+    # DiffAugment (Zhao et al. 2020) of every pair D sees, real and generated, and in G's
+    # step: comma-separated of color, translation, cutout; '' for none. D then cannot
+    # memorise a small training set's pairs.
+    d_augment: str = ""
 
     def __post_init__(self) -> None:
         check_literals(self)
+        unknown = set(filter(None, self.d_augment.split(","))) - set(AUGMENTS)
+        if unknown:
+            raise ValueError(f"loss.d_augment: {sorted(unknown)} not in {AUGMENTS}")
         for name in ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")

@@ -84,3 +84,73 @@ def discriminator_loss(
     return 0.5 * (
         adversarial_loss(real_logits, True, mode) + adversarial_loss(fake_logits, False, mode)
     )
+
+
+def augment_pairs(
+    cond: torch.Tensor, tir: torch.Tensor, policy: str, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffAugment (Zhao et al. 2020, their official transforms) of the pairs D sees.
+
+    RGB and TIR are stacked and transformed together, so that a pair stays registered;
+    every sample draws its own transform. Differentiable: G's gradient passes through.
+    The same `seed` gives the same transforms (feature matching compares a real and a
+    generated pair under one transform).
+
+    Args:
+        cond, tir: (B, C, H, W) in -1..1.
+        policy: comma-separated of color (brightness and contrast), translation (up to
+            1/8 of the side, zero-filled), cutout (a zeroed square of half the side).
+    """
+    if not policy:
+        return cond, tir
+    generator = torch.Generator(device=cond.device)
+    generator.manual_seed(int(torch.randint(1 << 62, ())) if seed is None else seed)
+    x = torch.cat([cond, tir], dim=1)
+    for name in policy.split(","):
+        x = _AUGMENT[name](x, generator)
+    return x[:, : cond.shape[1]], x[:, cond.shape[1] :]
+
+
+def _rand(x: torch.Tensor, generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.rand(x.shape[0], *shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _color(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    x = x + (_rand(x, generator, 1, 1, 1) - 0.5)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (_rand(x, generator, 1, 1, 1) + 0.5) + mean
+
+
+def _translation(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.125):
+    batch, _, height, width = x.shape
+    reach_y, reach_x = int(height * ratio + 0.5), int(width * ratio + 0.5)
+    shift_y = torch.randint(-reach_y, reach_y + 1, (batch, 1, 1), generator=generator,
+                            device=x.device)  # fmt: skip
+    shift_x = torch.randint(-reach_x, reach_x + 1, (batch, 1, 1), generator=generator,
+                            device=x.device)  # fmt: skip
+    grid_b, grid_y, grid_x = torch.meshgrid(
+        torch.arange(batch, device=x.device),
+        torch.arange(height, device=x.device),
+        torch.arange(width, device=x.device),
+        indexing="ij",
+    )
+    grid_y = torch.clamp(grid_y + shift_y + 1, 0, height + 1)
+    grid_x = torch.clamp(grid_x + shift_x + 1, 0, width + 1)
+    padded = F.pad(x, [1, 1, 1, 1])
+    return padded.permute(0, 2, 3, 1)[grid_b, grid_y, grid_x].permute(0, 3, 1, 2)
+
+
+def _cutout(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.5):
+    batch, _, height, width = x.shape
+    size_y, size_x = int(height * ratio + 0.5), int(width * ratio + 0.5)
+    top = torch.randint(0, height + (1 - size_y % 2), (batch, 1, 1), generator=generator,
+                        device=x.device)  # fmt: skip
+    left = torch.randint(0, width + (1 - size_x % 2), (batch, 1, 1), generator=generator,
+                         device=x.device)  # fmt: skip
+    rows = torch.arange(height, device=x.device).view(1, -1, 1) - top + size_y // 2
+    cols = torch.arange(width, device=x.device).view(1, 1, -1) - left + size_x // 2
+    inside = (rows >= 0) & (rows < size_y) & (cols >= 0) & (cols < size_x)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+_AUGMENT = {"color": _color, "translation": _translation, "cutout": _cutout}

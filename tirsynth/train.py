@@ -40,7 +40,7 @@ from tirsynth.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
 from tirsynth.config import LoopConfig, LossConfig, TrainConfig, config_yaml, from_dict, to_dict
 from tirsynth.data import PairDataset, carve_val_keys
 from tirsynth.inference import canvas_side, iter_pairs
-from tirsynth.losses import discriminator_loss, generator_loss
+from tirsynth.losses import augment_pairs, discriminator_loss, generator_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import real_tir_statistics, validate, write_sample_grid
 from tirsynth.report import write_report_or_warn
@@ -406,11 +406,14 @@ def train_step(
 
     # 1. D on real pairs and on detached fake pairs, in separate forwards as pix2pix, so its
     # BatchNorm normalises each kind with its own statistics, as in G's step below.
+    # With loss.d_augment, D sees every pair (real or generated) through its own random
+    # transform, in both steps; G's gradient passes through the transform.
+    policy = loss_cfg.d_augment
     _set_requires_grad(disc, True)
     opt_d.zero_grad(set_to_none=True)
     with autocast():
-        real_logits = disc(cond, real).float()
-        fake_logits = disc(cond, fake.detach()).float()
+        real_logits = disc(*augment_pairs(cond, real, policy)).float()
+        fake_logits = disc(*augment_pairs(cond, fake.detach(), policy)).float()
     loss_d = discriminator_loss(real_logits, fake_logits, loss_cfg.gan_mode)
     scaler.scale(loss_d).backward()
     scaler.step(opt_d)
@@ -421,10 +424,13 @@ def train_step(
     opt_g.zero_grad(set_to_none=True)
     fake_logits, matching = None, None
     if loss_cfg.feature_matching:
+        seed = int(torch.randint(1 << 62, ()))  # one transform for the real and fake pair
         with autocast():
             with torch.no_grad():
-                _, real_features = _unwrap(disc)(cond, real, features=True)
-            fake_logits, fake_features = _unwrap(disc)(cond, fake, features=True)
+                real_pair = augment_pairs(cond, real, policy, seed)
+                _, real_features = _unwrap(disc)(*real_pair, features=True)
+            fake_pair = augment_pairs(cond, fake, policy, seed)
+            fake_logits, fake_features = _unwrap(disc)(*fake_pair, features=True)
         fake_logits = fake_logits.float()
         matching = (
             loss_cfg.feature_matching
@@ -436,7 +442,7 @@ def train_step(
         )
     elif loss_cfg.gan:
         with autocast():
-            fake_logits = _unwrap(disc)(cond, fake).float()
+            fake_logits = _unwrap(disc)(*augment_pairs(cond, fake, policy)).float()
 
     # 3. G on the non-saturating GAN loss plus the L1, gradient and intensity terms (Eq. 7).
     loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg)

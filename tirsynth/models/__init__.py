@@ -38,6 +38,7 @@ def build_discriminator(cfg: ModelConfig) -> PatchDiscriminator:
         in_channels=cfg.in_channels + cfg.out_channels,
         base_channels=cfg.ndf,
         num_layers=cfg.disc_layers,
+        norm=cfg.disc_norm,
     )
 
 
