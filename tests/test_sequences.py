@@ -145,6 +145,11 @@ def test_video_frames_in_order_with_a_video_out(tmp_path, tiny_checkpoint, ray_s
     cfg = generate_cfg(clip, out, tiny_checkpoint, cpu_batch=2, keep_rgb=True)
     result = generate.run(cfg, progress=False)
     assert result.generated == 9 and not result.rejects
+    # Tasks of 2 frames: the steps inside a task are measured (1-2, 3-4, 5-6, 7-8).
+    temporal = result.report["temporal"]
+    assert temporal["sequences"] == 1 and temporal["frame_steps"] == 4
+    assert temporal["input_change"] == pytest.approx(10, abs=2)  # 10 levels a frame
+    assert "Temporal stability" in (out / "report.html").read_text()
     for row in shards.read_index(out, ["shard", "key", "frame", "sequence"]):
         assert row["sequence"] == "clip"
         sample = shards.read_samples(out / row["shard"], {row["key"]})[row["key"]]
@@ -215,3 +220,30 @@ def test_broken_videos_are_rejects_and_numbered_frames_a_sequence(
     exported = export.run(out, to, progress=False)
     assert exported.filled_frames == len(missing)
     assert sorted(p.name for p in (to / "cut").iterdir()) == [f"{n:06d}.png" for n in range(1, 21)]
+
+
+def test_temporal_change_is_measured_between_neighbouring_frames_of_a_sequence():
+    """Frame 2 follows frame 1 in the batch; frame 5 has no predecessor there; an image
+    outside any sequence gets nothing."""
+    tir = np.zeros((4, 8, 8), np.uint8)
+    tir[1] += 10  # frame 2's output: 10 levels above frame 1's
+    pixels = np.zeros((4, 8, 8, 3), np.uint8)
+    pixels[1] += 40  # and its input: 40 levels above
+    batch = {
+        "key": np.array(["a1", "a2", "a5", "x"], dtype=object),
+        "sequence": np.array(["a", "a", "a", None], dtype=object),
+        "frame": np.array([1, 2, 5, None], dtype=object),
+        "tir": tir,
+        "pixels": pixels,
+        "content_width": np.array([8, 8, 8, 8]),
+        "content_height": np.array([6, 6, 6, 6]),  # the square's padding is left out
+    }
+    scores = ["{}"] * 4
+    generate.add_temporal_changes(batch, scores, ["", "", "", ""])
+    measured = [json.loads(s) for s in scores]
+    assert measured[1] == {"output_change": 10.0, "input_change": pytest.approx(40.0)}
+    assert measured[0] == measured[2] == measured[3] == {}
+    errors = ["failed", "", "", ""]  # a rejected frame is no one's predecessor
+    scores = ["{}"] * 4
+    generate.add_temporal_changes(batch, scores, errors)
+    assert scores == ["{}"] * 4

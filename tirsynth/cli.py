@@ -319,6 +319,11 @@ def generate(input_, overrides, dry_run, **flags) -> None:
         f"{result.report['images_per_s']:.2f} images/s; checkpoint {result.checkpoint}"
     )
     click.echo(f"mean quality: {scores}")
+    temporal = result.report.get("temporal")
+    if temporal and temporal["flicker_ratio"] is not None:
+        click.echo(f"{temporal['sequences']} sequences: the output changes "
+                   f"{temporal['flicker_ratio']:.2f}x as much as the input from frame to frame "
+                   "(per sequence in report.html)")  # fmt: skip
     if result.rejects:
         click.echo(f"{len(result.rejects)} inputs rejected (see {result.out}/rejects.parquet):")
         for reason, count in sorted(result.report["rejects_by_reason"].items()):

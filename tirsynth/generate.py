@@ -59,7 +59,12 @@ from tirsynth.corpus import (
     read_listing_group,
     write_listing,
 )
-from tirsynth.report import REPORT_HTML, write_report_or_warn
+from tirsynth.report import (
+    REPORT_HTML,
+    TEMPORAL_PLOTS,
+    temporal_by_sequence,
+    write_report_or_warn,
+)
 from tirsynth.sequences import SEQUENCE_FILES
 from tirsynth.shards import atomic_output
 
@@ -69,6 +74,7 @@ LISTING = ".listing.tmp"  # what this run still has to do; a rerun lists again
 REPORT = "report.json"
 # relpath, sequence and frame: for the frames of a sequence, which `export` fills.
 REJECT_COLUMNS = ("key", "path", "reason", "relpath", "sequence", "frame")
+TEMPORAL_FIELDS = ("output_change", "input_change")  # see `add_temporal_changes`
 READ_ATTEMPTS = 3  # reads of an input before a transient error becomes a reject
 RETRYABLE = " (retryable)"  # in a reject's reason: --retry-rejects tries it again
 CPU_BATCH, GPU_BATCH = 8, 64  # default images per model call without and with a GPU
@@ -291,8 +297,39 @@ def postprocess_batch(
         )
         for name, value in zip(columns, row, strict=True):
             columns[name].append(value)
+    add_temporal_changes(batch, columns["metrics"], columns["error"])
     finished = {name: np.array(values, dtype=object) for name, values in columns.items()}
     return {**finished, **{name: batch[name] for name in PASSED_THROUGH if name in batch}}
+
+
+def add_temporal_changes(batch, scores: list[str], errors: list[str]) -> None:
+    """For each frame whose previous frame of the same sequence is in the batch: the mean
+    absolute change from that frame, of the output (`output_change`) and of the input's
+    luma (`input_change`), at the model's scale, in grey levels. The report sums them per
+    sequence into its flicker ratio (`tirsynth.temporal`); a frame whose predecessor went
+    to another batch is left out, which drops one step in a CPU batch."""
+    frames = {}
+    for i in range(len(batch["key"])):
+        sequence, frame = _sequence_frame(batch, i)
+        if sequence is not None and frame is not None and not errors[i]:
+            frames[(sequence, frame)] = i
+    for (sequence, frame), i in frames.items():
+        j = frames.get((sequence, frame - 1))
+        content = (int(batch["content_width"][i]), int(batch["content_height"][i]))
+        if j is None or content != (
+            int(batch["content_width"][j]),
+            int(batch["content_height"][j]),
+        ):
+            continue
+        width, height = content
+        crop = np.s_[:height, :width]
+        output_change = np.abs(batch["tir"][i][crop].astype(np.float64)
+                               - batch["tir"][j][crop].astype(np.float64)).mean()  # fmt: skip
+        luma = [np.asarray(batch["pixels"][k][crop], np.float64) @ metrics.LUMA for k in (i, j)]
+        updated = json.loads(scores[i])
+        updated.update(output_change=float(output_change),
+                       input_change=float(np.abs(luma[0] - luma[1]).mean()))  # fmt: skip
+        scores[i] = json.dumps(updated)
 
 
 def _finish_output(batch, i, real_stats, min_structure) -> tuple[bytes, dict, str]:
@@ -353,7 +390,7 @@ INDEX_SCHEMA = pa.schema(
      ("width", pa.int64()), ("height", pa.int64()), ("input_kind", pa.string()),
      ("sequence", pa.string()), ("frame", pa.int64()),
      ("shard", pa.string()), ("shard_bytes", pa.int64()), ("node", pa.string())]
-    + [(name, pa.float64()) for name in metrics.QUALITY_FIELDS]
+    + [(name, pa.float64()) for name in (*metrics.QUALITY_FIELDS, *TEMPORAL_FIELDS)]
 )  # fmt: skip
 
 
@@ -592,8 +629,29 @@ def build_report(
         "batches": batches,  # per shard, merged in pairs past RunTotals.MAX_POINTS
         "rejects": len(rejects),
         "rejects_by_reason": dict(shards.rejects_by_reason(rejects)),
+        "temporal": temporal_summary(Path(cfg.out)),
         # This process only (Ray's workers are not its children): what must stay flat.
         "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def temporal_summary(out: Path) -> dict[str, Any] | None:
+    """Sequences only: their count, the flicker ratio against the input over all of them
+    (mean output change over mean input change, per frame step) and the sequences that
+    flicker most (`report.temporal_by_sequence`)."""
+    by_sequence = temporal_by_sequence(out)
+    if not by_sequence:
+        return None
+    steps = sum(r["steps"] for r in by_sequence)
+    output = sum(r["output_change"] * r["steps"] for r in by_sequence) / steps
+    inputs = sum(r["input_change"] * r["steps"] for r in by_sequence) / steps
+    return {
+        "sequences": len(by_sequence),
+        "frame_steps": steps,
+        "output_change": output,
+        "input_change": inputs,
+        "flicker_ratio": output / inputs if inputs else None,
+        "most_flicker": by_sequence[:TEMPORAL_PLOTS],
     }
 
 

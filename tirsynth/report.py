@@ -315,8 +315,81 @@ def _generate(run_dir: Path, report: dict) -> list[str]:
         )
     for n, column in values.items():
         parts.append(_figure(_plot_hist({"": column}, n), f"Distribution of {n} per image"))
+    parts += _temporal(run_dir)
     parts += _generate_grids(run_dir, report, index)
     parts.append(_rejects(shards.read_rejects(run_dir)))
+    return parts
+
+
+TEMPORAL_PLOTS = 12  # sequences drawn; the table lists every sequence
+
+
+def temporal_by_sequence(run_dir: Path) -> list[dict[str, Any]]:
+    """Per sequence of a generate run: frames, the mean frame-to-frame change of the output
+    and of the input's luma (grey levels, model scale), and their ratio (the flicker ratio
+    against the input: 1 changes as much as the input does). Most flickering first."""
+    columns = ["sequence", "frame", "output_change", "input_change"]
+    index = shards.read_arrow(run_dir / shards.INDEX)
+    if not set(columns) <= set(index.column_names):
+        return []
+    index = index.select(columns).filter(pc.is_valid(index["output_change"]))
+    if not len(index):
+        return []
+    table = index.group_by("sequence").aggregate(
+        [("frame", "count"), ("output_change", "mean"), ("input_change", "mean")]
+    )
+    rows = []
+    for row in table.to_pylist():
+        output, inputs = row["output_change_mean"], row["input_change_mean"]
+        rows.append({
+            "sequence": row["sequence"],
+            "steps": row["frame_count"],
+            "output_change": output,
+            "input_change": inputs,
+            "flicker_ratio": output / inputs if inputs else None,
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: -(r["flicker_ratio"] or 0.0))
+
+
+def _temporal(run_dir: Path) -> list[str]:
+    sequences = temporal_by_sequence(run_dir)
+    if not sequences:
+        return []
+    parts = [
+        "<h2>Temporal stability</h2>",
+        "<p>Per sequence, the mean absolute change from one frame to the next, of the output "
+        "and of the input's luma, at the model's scale (grey levels). The flicker ratio is "
+        "the first over the second: above 1 the output changes more than its input, which a "
+        "tracker trained on it learns as noise.</p>",
+        _table(
+            ["sequence", "frame steps", "output change", "input change", "flicker ratio"],
+            [
+                (
+                    r["sequence"],
+                    r["steps"],
+                    r["output_change"],
+                    r["input_change"],
+                    r["flicker_ratio"],
+                )
+                for r in sequences
+            ],
+        ),  # fmt: skip
+    ]
+    index = shards.read_arrow(
+        run_dir / shards.INDEX, ["sequence", "frame", "output_change", "input_change"]
+    )
+    for row in sequences[:TEMPORAL_PLOTS]:
+        rows = index.filter(pc.equal(index["sequence"], row["sequence"]))
+        rows = rows.filter(pc.is_valid(rows["output_change"])).sort_by("frame")
+        frames = rows["frame"].to_pylist()
+        series = {
+            "output": (frames, rows["output_change"].to_pylist()),
+            "input luma": (frames, rows["input_change"].to_pylist()),
+        }
+        caption = f"{row['sequence']}: change from the previous frame"
+        parts.append(_figure(_plot_lines(series, "frame", "mean |change|"), caption))
+    if len(sequences) > TEMPORAL_PLOTS:
+        parts.append(f"<p>Plots for the {TEMPORAL_PLOTS} sequences that flicker most.</p>")
     return parts
 
 
