@@ -86,3 +86,33 @@ def test_grids_are_native_with_a_zoom_where_the_real_tir_has_detail(tmp_path):
     path = quality.write_image_grid(rows, tmp_path / "grid.png", height=None)
     with Image.open(path) as grid:
         assert grid.size == (3 * 400 + 2 * 4, 300 + 144 + 4)  # native, no scaling
+
+
+def test_video_pairs_get_flicker_ratio_and_temporal_error_per_clip(tmp_path, tiny_checkpoint):
+    """Clip frames: RGB level 10 n, TIR 10 n + 5. RGB luma changes as the real TIR does
+    (ratio 1, error 0); the inverted luma changes as much, the other way (error 2 x 10 x
+    the stride)."""
+    from conftest import write_video
+
+    from tirsynth import ingest
+    from tirsynth.config import IngestConfig
+
+    clips = tmp_path / "clips"
+    for clip, frames in (("a", 9), ("b", 7)):
+        write_video(clips / "visible" / f"{clip}.mp4", frames)
+        write_video(clips / "infrared" / f"{clip}.mp4", frames, offset=5)
+    data = tmp_path / "data"
+    ingest.run(IngestConfig(sources=(str(clips),), out=str(data), frame_stride=2,
+                            split=(0.0, 0.0, 1.0)))  # fmt: skip
+    cfg = EvaluateConfig(data=str(data), out=str(tmp_path / "ev"), split="test",
+                         checkpoint=str(tiny_checkpoint), grid_rows=1)  # fmt: skip
+    temporal = evaluate.run(cfg, progress=False).report["temporal"]
+    assert len(temporal) == 3 and {"rgb-luma", "inverted-luma"} <= set(temporal)
+    luma, inverted = temporal["rgb-luma"], temporal["inverted-luma"]
+    assert set(luma["clips"]) == {"a", "b"}
+    assert luma["clips"]["a"]["frames"] == 5 and luma["clips"]["a"]["stride"] == 2
+    assert luma["overall"]["flicker_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert luma["overall"]["temporal_error"] < 2
+    assert inverted["overall"]["flicker_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert inverted["overall"]["temporal_error"] == pytest.approx(40, abs=4)
+    assert "Temporal stability on video pairs" in (tmp_path / "ev" / "report.html").read_text()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tirsynth import __version__, inference, metrics, quality, shards
+from tirsynth import __version__, inference, metrics, quality, shards, temporal
 from tirsynth.checkpoint import checkpoint_config, load_checkpoint
 from tirsynth.config import EvaluateConfig, to_dict
 from tirsynth.report import write_report_or_warn
@@ -76,14 +76,19 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     ]
     if cfg.baselines:
         models += [{"name": name, "kind": "baseline"} for name in BASELINES]
-    per_image, outputs_of = [], {}
+    per_image, outputs_of, temporal_of = [], {}, {}
+    clip_of = {r["key"]: (r["clip"], int(r["frame"])) for r in rows if r.get("clip")}
     for model in models:
         translate = translator(model, cfg)
         outputs_of[model["name"]] = translate
         samples = inference.iter_pairs(data, rows)
+        clip_frames: dict[str, list] = {}
         bar = tqdm(total=len(rows), disable=not progress, desc=model["name"], unit="img")
         for batch in quality.batched(samples, cfg.batch_size):
             for sample, output in zip(batch, translate([s["rgb"] for s in batch]), strict=True):
+                if sample["key"] in clip_of:
+                    clip, frame = clip_of[sample["key"]]
+                    clip_frames.setdefault(clip, []).append((frame, output, sample["real"]))
                 per_image.append(
                     {
                         "model": model["name"],
@@ -95,6 +100,8 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
                 )
             bar.update(len(batch))
         bar.close()
+        if clip_frames:
+            temporal_of[model["name"]] = clip_temporal_scores(clip_frames)
     out.mkdir(parents=True, exist_ok=True)
     shards.remove_temporaries(out)  # of a killed evaluation into the same folder
     shards.write_table(out / PER_IMAGE, per_image)
@@ -119,12 +126,42 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
             for m in models
             if m["kind"] == "checkpoint"
         },
+        "temporal": temporal_of or None,
         "paper": PAPER if cfg.paper else None,
         "seconds": time.time() - started,
     }
     shards.write_json(out / REPORT, report)
     write_report_or_warn(out)
     return EvaluateResult(out, results, report)
+
+
+def clip_temporal_scores(clip_frames: dict[str, list[tuple]]) -> dict[str, Any]:
+    """Flicker ratio and temporal error (`tirsynth.temporal`) of each clip's outputs
+    against its real TIR, between the clip's consecutive ingested frames (its ingest's
+    frame stride apart), and over all clips (frame steps weighted alike)."""
+    by_clip = {}
+    for clip, frames in sorted(clip_frames.items()):
+        frames.sort(key=lambda item: item[0])
+        scores = temporal.temporal_scores([f[1] for f in frames], [f[2] for f in frames])
+        gaps = np.diff([f[0] for f in frames])
+        by_clip[clip] = {**scores, "stride": int(np.median(gaps)) if len(gaps) else None}
+    steps = {clip: max(s["frames"] - 1, 0) for clip, s in by_clip.items()}
+    total = sum(steps.values())
+    if not total:
+        return {"clips": by_clip, "overall": None}
+
+    def weighted(name: str) -> float:
+        return sum(by_clip[c][name] * n for c, n in steps.items() if n) / total
+
+    output, reference = weighted("output_change"), weighted("reference_change")
+    overall = {
+        "flicker_ratio": output / reference if reference else float("nan"),
+        "temporal_error": weighted("temporal_error"),
+        "output_change": output,
+        "reference_change": reference,
+        "frame_steps": total,
+    }
+    return {"clips": by_clip, "overall": overall}
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:

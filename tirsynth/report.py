@@ -557,6 +557,8 @@ def _evaluate(run_dir: Path, report: dict) -> list[str]:
                     f"val {metric.upper()} at the end of each epoch, per model",
                 )
             )
+    if report.get("temporal"):
+        parts += _evaluate_temporal(report["temporal"])
     if report.get("paper"):
         parts.append(_paper_tables(report["paper"], results))
     grids = report.get("grids") or {}
@@ -570,6 +572,28 @@ def _evaluate(run_dir: Path, report: dict) -> list[str]:
             )
             parts.append(_figure(_data_uri(data), caption))
     return parts
+
+
+def _evaluate_temporal(temporal: dict[str, dict]) -> list[str]:
+    """Flicker ratio and temporal error per model and clip (video pairs only)."""
+    header = ["model", "clip", "frames", "stride", "flicker ratio", "temporal error"]
+    rows = []
+    for name, scores in temporal.items():
+        for clip, s in scores["clips"].items():
+            rows.append((name, clip, s["frames"], s["stride"], s["flicker_ratio"],
+                         s["temporal_error"]))  # fmt: skip
+        if scores["overall"]:
+            o = scores["overall"]
+            rows.append((name, "all clips", o["frame_steps"], "", o["flicker_ratio"],
+                         o["temporal_error"]))  # fmt: skip
+    return [
+        "<h2>Temporal stability on video pairs</h2>",
+        "<p>Between a clip's consecutive test frames (the ingest's frame stride apart): the "
+        "flicker ratio is the output's mean absolute change over the real TIR's (1 is the "
+        "real amount); the temporal error is the mean absolute difference between the two "
+        "changes, in grey levels.</p>",
+        _table(header, rows),
+    ]
 
 
 def _paper_tables(paper: dict, results: dict) -> str:
