@@ -125,3 +125,26 @@ def test_write_video_lossless_keeps_every_value_and_crf_writes_a_playable_mp4(tm
         assert all(np.array_equal(a, b) for a, b in zip(decoded, frames, strict=True))
     else:  # yuv420p: even sizes, lossy
         assert decoded[0].shape == (46, 64)
+
+
+def test_csv_of_video_pairs_ingests_frames_at_the_stride_each_clip_in_one_split(tmp_path):
+    root = tmp_path / "csvclips"
+    for clip, frames, tir_frames in (("a", 9, 9), ("b", 6, 6), ("c", 5, 4)):
+        write_video(root / "rgb" / f"{clip}.mp4", frames)
+        write_video(root / "ir" / f"{clip}.mp4", tir_frames, offset=5)
+    table = root / "pairs.csv"
+    table.write_text(
+        "rgb,tir,key,split\n"
+        "rgb/a.mp4,ir/a.mp4,walk,test\n"
+        "rgb/b.mp4,ir/b.mp4,,\n"
+        "rgb/c.mp4,ir/c.mp4,,\n"
+    )
+    assert layouts.detect_layout(table) == "csv"
+    out = tmp_path / "data"
+    result = ingest.run(IngestConfig(sources=(str(table),), out=str(out), frame_stride=4))
+    index = shards.read_index(out)
+    frames = sorted((row["clip"], int(row["frame"])) for row in index)
+    assert frames == [("rgb/b", 0), ("rgb/b", 4), ("walk", 0), ("walk", 4), ("walk", 8)]
+    assert {row["split"] for row in index if row["clip"] == "walk"} == {"test"}
+    assert len({row["split"] for row in index if row["clip"] == "rgb/b"}) == 1
+    assert [r["reason"] for r in result.rejects] == ["frame-count mismatch: RGB 5 frames, TIR 4"]

@@ -86,7 +86,7 @@ def discover(
         rgb_dir, tir_dir = find_pair_folders(root)
         pairs, rejects = match_folders(rgb_dir, tir_dir, dataset or dataset_name(root.name))
     elif layout == "csv":
-        pairs, rejects = read_pair_csv(root, dataset or dataset_name(root.stem))
+        pairs, rejects = read_pair_csv(root, dataset or dataset_name(root.stem), frame_stride)
     elif layout == "video":
         rgb_dir, tir_dir = find_pair_folders(root)
         name = dataset or dataset_name(root.name)
@@ -238,33 +238,45 @@ def match_videos(
     pairs = []
     for clip in sorted(sides["rgb"].keys() | sides["tir"].keys()):
         rgb, tir = sides["rgb"].get(clip), sides["tir"].get(clip)
-        key = make_key(dataset, clip)
         if rgb is None or tir is None:
             missing = "RGB" if rgb is None else "TIR"
+            key = make_key(dataset, clip)
             rejects.append(Reject(dataset, f"missing {missing} partner", key, rgb, tir))
             continue
-        try:
-            counts = video.frame_count(rgb), video.frame_count(tir)
-        except ValueError as error:
-            rejects.append(Reject(dataset, str(error), key, rgb, tir))
-            continue
-        if counts[0] != counts[1]:
-            reason = f"frame-count mismatch: RGB {counts[0]} frames, TIR {counts[1]}"
-            rejects.append(Reject(dataset, reason, key, rgb, tir))
-            continue
-        for number in range(0, counts[0], stride):
-            pairs.append(
-                PairSource(
-                    make_key(dataset, f"{clip}/{number:06d}"),
-                    dataset,
-                    f"{Path(clip).name}_{number:06d}",
-                    video.frame_path(rgb, number),
-                    video.frame_path(tir, number),
-                    clip=clip,
-                    frame=number,
-                )
-            )
+        found, reject = video_pair_frames(dataset, clip, rgb, tir, stride)
+        pairs += found
+        rejects += [reject] if reject else []
     return pairs, rejects
+
+
+def video_pair_frames(
+    dataset: str, clip: str, rgb: str, tir: str, stride: int, split: str | None = None
+) -> tuple[list[PairSource], Reject | None]:
+    """Every `stride`-th frame of a registered RGB/TIR clip pair from frame 0, or the
+    reason the pair cannot be used (a video that does not open, frame counts that
+    differ: such clips cannot be registered frame by frame)."""
+    key = make_key(dataset, clip)
+    try:
+        counts = video.frame_count(rgb), video.frame_count(tir)
+    except ValueError as error:
+        return [], Reject(dataset, str(error), key, rgb, tir)
+    if counts[0] != counts[1]:
+        reason = f"frame-count mismatch: RGB {counts[0]} frames, TIR {counts[1]}"
+        return [], Reject(dataset, reason, key, rgb, tir)
+    pairs = [
+        PairSource(
+            make_key(dataset, f"{clip}/{number:06d}"),
+            dataset,
+            f"{Path(clip).name}_{number:06d}",
+            video.frame_path(rgb, number),
+            video.frame_path(tir, number),
+            split,
+            clip=clip,
+            frame=number,
+        )
+        for number in range(0, counts[0], stride)
+    ]
+    return pairs, None
 
 
 def _holds_videos(folder: Path) -> bool:
@@ -273,9 +285,13 @@ def _holds_videos(folder: Path) -> bool:
     return bool(names) and all(video.is_video(name) for name in names)
 
 
-def read_pair_csv(path: Path, dataset: str) -> tuple[list[PairSource], list[Reject]]:
+def read_pair_csv(
+    path: Path, dataset: str, frame_stride: int = DEFAULT_FRAME_STRIDE
+) -> tuple[list[PairSource], list[Reject]]:
     """A CSV with columns rgb,tir (relative to the CSV's folder) and optional
-    key, dataset, split, daynight."""
+    key, dataset, split, daynight. A row that names two videos is a registered clip pair:
+    every `frame_stride`-th frame becomes a pair, all in the row's split (or, without one,
+    in one split chosen for the clip); its clip is the row's key, else the RGB path."""
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if rows and not {"rgb", "tir"} <= rows[0].keys():
@@ -294,6 +310,13 @@ def read_pair_csv(path: Path, dataset: str) -> tuple[list[PairSource], list[Reje
             continue
         rgb, tir = (str(path.parent / rel) for rel in inner)
         rel = os.path.splitext(row["rgb"].replace("\\", "/"))[0]
+        if video.is_video(rgb) and video.is_video(tir):
+            clip = row.get("key") or rel
+            found, reject = video_pair_frames(name, clip, rgb, tir, frame_stride,
+                                              row.get("split") or None)  # fmt: skip
+            pairs += found
+            rejects += [reject] if reject else []
+            continue
         key = make_key(name, row["key"]) if row.get("key") else make_key(name, rel)
         stem = Path(row["rgb"]).stem
         pairs.append(
