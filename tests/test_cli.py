@@ -33,6 +33,40 @@ def test_help(command):
     assert "Usage:" in result.output
 
 
+def test_every_command_has_a_summary_and_an_example_and_stages_come_in_order():
+    from tirsynth.cli import cli as group
+
+    runner = CliRunner()
+    commands = [[name] for name in group.commands if name not in ("bench", "pipeline")]
+    commands += [["bench", name] for name in group.commands["bench"].commands]
+    commands += [["bench"], ["pipeline"], ["pipeline", "run"]]
+    for command in commands:
+        text = runner.invoke(cli, [*command, "--help"]).output
+        assert "Example:" in text and f"tirsynth {' '.join(command)}" in text, command
+    lines = runner.invoke(cli, ["--help"]).output.split("Commands:")[1].splitlines()
+    listed = [line.split()[0] for line in lines if line.startswith("  ") and line.strip()]
+    stages = ["ingest", "train", "generate", "export", "evaluate", "report"]
+    assert [name for name in listed if name in stages] == stages
+
+
+def test_bench_markdown_appends_figures_with_their_provenance(tmp_path):
+    table = tmp_path / "docs" / "bench.md"
+    for _ in range(2):
+        result = CliRunner().invoke(
+            cli,
+            ["bench", "--markdown", str(table), "ingest", str(SAMPLE / "roadscene"),
+             "--repeat", "1", "--scratch", str(tmp_path / "scratch")],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    text = table.read_text()
+    assert text.count("### bench ingest") == 2
+    for field in ("- command: `", "- commit: `", "- date: 20",
+                  "- machine: "):  # fmt: skip
+        assert field in text
+    assert "cores" in text.split("- machine: ")[1].splitlines()[0]
+    assert "x1" in text  # the printed table, verbatim
+
+
 def test_bench_ingest_prints_pairs_per_second_and_the_ratio_to_the_floor(tmp_path):
     result = CliRunner().invoke(
         cli,

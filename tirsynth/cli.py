@@ -40,7 +40,18 @@ set_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StagesInOrder(click.Group):
+    """`tirsynth --help` lists the stages in pipeline order, then the tools."""
+
+    ORDER = ("ingest", "info", "train", "generate", "export", "evaluate", "report",
+             "pipeline", "model", "save-weights", "bench")  # fmt: skip
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: (self.ORDER.index(n) if n in self.ORDER else 99, n))
+
+
+@click.group(cls=StagesInOrder, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tirsynth")
 def cli() -> None:
     """Turn RGB image corpora into synthetic thermal-infrared datasets with valid labels.
@@ -122,7 +133,13 @@ def cli() -> None:
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
-    """Paired RGB/TIR datasets (RoadScene, LLVIP, KAIST, folders, CSV) -> pair shards."""
+    """Paired RGB/TIR datasets (RoadScene, LLVIP, KAIST, M3SVD video, folders, CSV) -> pair
+    shards.
+
+    \b
+    Example:
+      tirsynth ingest ../shared/data/roadscene ../shared/data/llvip --out data/
+    """
     from tirsynth import ingest as ingest_stage
 
     given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None and k != "split"]
@@ -144,7 +161,12 @@ def ingest(sources, config_path, overrides, dry_run, **flags) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(root, as_json) -> None:
     """What a folder tirsynth wrote holds: pair shards (counts by split, dataset and
-    day/night), TIR shards, a training run, an evaluation or a pipeline's output."""
+    day/night), TIR shards, a training run, an evaluation or a pipeline's output.
+
+    \b
+    Example:
+      tirsynth info data/
+    """
     from tirsynth import folders
 
     with user_errors():
@@ -217,7 +239,12 @@ def info(root, as_json) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. train.lr=1e-4")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 def train(config_path, data, out, resume, workers, address, overrides, dry_run) -> None:
-    """Train the sparse GAN (or a baseline) on pair shards; checkpoints go to OUT."""
+    """Train the sparse GAN (or a baseline) on pair shards; checkpoints go to OUT.
+
+    \b
+    Example:
+      tirsynth train --config configs/sparse_plus.yaml --data data/ --out runs/sparse
+    """
     from pathlib import Path
 
     from tirsynth import train as train_stage
@@ -302,7 +329,13 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved options and exit.")
 def generate(input_, overrides, dry_run, **flags) -> None:
-    """RGB images (folder, COCO, YOLO, list, pair shards) -> TIR shards with labels."""
+    """RGB images or sequences (folder, COCO, YOLO, video, MOT, GOT-10k, LaSOT, list, pair
+    shards) -> TIR shards with their labels.
+
+    \b
+    Example:
+      tirsynth generate --input coco/ --out tir/
+    """
     from tirsynth import generate as generate_stage
 
     given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
@@ -338,7 +371,12 @@ def generate(input_, overrides, dry_run, **flags) -> None:
 )
 def save_weights(checkpoint, out, dtype) -> None:
     """A checkpoint's generator (its average, if kept) as OUT.safetensors: for inference
-    only, half the size at float16, loadable without pickle; --checkpoint takes it."""
+    only, half the size at float16, loadable without pickle; --checkpoint takes it.
+
+    \b
+    Example:
+      tirsynth save-weights runs/sparse/checkpoints/best.pt sparse.safetensors
+    """
     from pathlib import Path
 
     import torch
@@ -425,7 +463,14 @@ def _video_quality(text: str | None) -> int | None | bool:
 @click.option("--paper", is_flag=True, default=None, help="Put the paper's numbers beside ours.")
 @set_option
 def evaluate(overrides, **flags) -> None:
-    """SSIM, PSNR and LBP of checkpoints (and baselines) against real TIR, by day/night."""
+    """SSIM, PSNR, GMSD, edge ratio and LBP of checkpoints (and baselines) against real
+    TIR, by dataset and day/night.
+
+    \b
+    Example:
+      tirsynth evaluate --data data/ --split test --out runs/eval \\
+          --checkpoint runs/sparse/checkpoints/best.pt
+    """
     from tirsynth import evaluate as evaluate_stage
 
     given = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v not in (None, ())]
@@ -443,7 +488,12 @@ def evaluate(overrides, **flags) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir) -> None:
-    """Rebuild RUN_DIR/report.html (a train, generate or evaluate run) from its files."""
+    """Rebuild RUN_DIR/report.html (a train, generate or evaluate run) from its files.
+
+    \b
+    Example:
+      tirsynth report runs/sparse
+    """
     from tirsynth.report import write_report
 
     with user_errors():
@@ -452,7 +502,12 @@ def report(run_dir) -> None:
 
 @cli.group()
 def pipeline() -> None:
-    """Pipelines: stages chained by a file in pipelines/."""
+    """Pipelines: stages chained by a file in pipelines/.
+
+    \b
+    Example:
+      tirsynth pipeline run pipelines/demo.yaml
+    """
 
 
 @pipeline.command("run")
@@ -465,7 +520,12 @@ def pipeline() -> None:
     help="Set one of the file's vars (value as YAML).",
 )
 def pipeline_run(path, variables) -> None:
-    """Run PATH's stages in order, skipping those already complete for the same inputs."""
+    """Run PATH's stages in order, skipping those already complete for the same inputs.
+
+    \b
+    Example:
+      tirsynth pipeline run pipelines/demo.yaml
+    """
     import yaml
 
     from tirsynth import pipeline as pipeline_module
@@ -488,7 +548,12 @@ def pipeline_run(path, variables) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. model.ngf=32")
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=2))
 def model(config_path, overrides, image_size) -> None:
-    """Parameter counts and FLOPs per image of CONFIG's generator and discriminator."""
+    """Parameter counts and FLOPs per image of CONFIG's generator and discriminator.
+
+    \b
+    Example:
+      tirsynth model configs/sparse.yaml --set model.out_channels=3
+    """
     import torch
 
     from tirsynth.models import build_discriminator, build_generator, count_flops, count_parameters
@@ -505,8 +570,40 @@ def model(config_path, overrides, image_size) -> None:
 
 
 @cli.group()
-def bench() -> None:
-    """Benchmarks: each prints its figures and the ratio to its limit."""
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False),
+    help="Also append the figures to this Markdown file, with the command, commit, date "
+    "and machine (docs/benchmarks.md collects them).",
+)
+@click.pass_context
+def bench(ctx, markdown) -> None:
+    """Benchmarks: each prints its figures and the ratio to its limit.
+
+    \b
+    Example:
+      tirsynth bench --markdown docs/benchmarks.md generate --limit 64
+    """
+    ctx.meta["bench_lines"] = []
+    ctx.meta["bench_markdown"] = markdown
+
+
+@bench.result_callback()
+@click.pass_context
+def _write_bench_markdown(ctx, *_args, **_kwargs) -> None:
+    if ctx.meta.get("bench_markdown") and ctx.meta["bench_lines"]:
+        from tirsynth import provenance
+
+        title = f"bench {ctx.invoked_subcommand}"
+        section = provenance.markdown_section(title, ctx.meta["bench_lines"])
+        provenance.append_markdown(ctx.meta["bench_markdown"], section)
+        click.echo(f"appended to {ctx.meta['bench_markdown']}")
+
+
+def bench_echo(line: str) -> None:
+    """Print a benchmark's line and keep it for --markdown."""
+    click.echo(line)
+    click.get_current_context().meta.setdefault("bench_lines", []).append(line)
 
 
 @bench.command("ingest")
@@ -529,12 +626,17 @@ def bench() -> None:
     "writes to, not /tmp, which can be a different file system.",
 )
 def bench_ingest(sources, meta, repeat, workers, scratch) -> None:
-    """Pairs/s of ingest against the floor: reading and hashing the same files once."""
+    """Pairs/s of ingest against the floor: reading and hashing the same files once.
+
+    \b
+    Example:
+      tirsynth bench ingest ../shared/data/roadscene ../shared/data/llvip --repeat 10
+    """
     from tirsynth import bench as bench_module
 
     lines = bench_module.bench_ingest(list(sources), meta, repeat, workers, scratch)
     for line in lines:
-        click.echo(line)
+        bench_echo(line)
 
 
 def bench_config_options(command):
@@ -561,12 +663,17 @@ def bench_config_options(command):
 )
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1))
 def bench_train(config_path, overrides, precisions, steps) -> None:
-    """Seconds per training step, sparse vs dense generator, for each precision."""
+    """Seconds per training step, sparse vs dense generator, for each precision.
+
+    \b
+    Example:
+      tirsynth bench train --precision bf16
+    """
     from tirsynth import bench as bench_module
 
     cfg = _load(config_path, TrainConfig, list(overrides))
     for line in bench_module.bench_train(cfg, list(precisions), steps):
-        click.echo(line)
+        bench_echo(line)
 
 
 @bench.command("quality")
@@ -586,7 +693,12 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
 def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy, shared, out):
     """Train a config on the shared pairs for a fixed budget per seed; print SSIM, PSNR,
     GMSD, edge ratio and LBP-histogram distance at each image's own size on a fixed test
-    split (overall, by dataset, day/night) beside the luma baselines."""
+    split (overall, by dataset, day/night) beside the luma baselines.
+
+    \b
+    Example:
+      tirsynth bench quality --config configs/sparse_plus.yaml --proxy --seeds 2
+    """
     from tirsynth import bench_quality as quality_bench
 
     bench = quality_bench.QualityBench(
@@ -594,7 +706,7 @@ def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy,
     )
     with user_errors():
         for line in quality_bench.run(bench):
-            click.echo(line)
+            bench_echo(line)
 
 
 @bench.command("generate")
@@ -630,14 +742,19 @@ def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy,
     help="Frames' long side for the model [the checkpoint's working scale].",
 )
 def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) -> None:
-    """Generation images/s end to end against the bare generator forward pass."""
+    """Generation images/s end to end against the bare generator forward pass.
+
+    \b
+    Example:
+      tirsynth bench generate --checkpoint tirsynth/builtin/sparse_plus_half.safetensors
+    """
     from tirsynth import bench as bench_module
 
     lines = bench_module.bench_generate(
         source, checkpoint, batch_size, precision, limit, long_side=long_side
     )
     for line in lines:
-        click.echo(line)
+        bench_echo(line)
 
 
 @bench.command("temporal")
@@ -656,8 +773,12 @@ def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) 
 def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precision) -> None:
     """Flicker ratio and temporal error of per-frame generation on a registered RGB/TIR clip
     pair, for each checkpoint and RGB luma (1 = as much frame-to-frame change as the real
-    TIR). Example: tirsynth bench temporal m3svd/visible/0113_1714.mp4
-    m3svd/infrared/0113_1714.mp4"""
+    TIR).
+
+    \b
+    Example:
+      tirsynth bench temporal m3svd/visible/0113_1714.mp4 m3svd/infrared/0113_1714.mp4
+    """
     from pathlib import Path
 
     from tirsynth import evaluate, temporal
@@ -672,13 +793,13 @@ def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precisi
         }
         translators["rgb-luma"] = evaluate.translator({"kind": "baseline", "name": "rgb-luma"}, cfg)
         result = temporal.bench_temporal(rgb_video, tir_video, translators, limit=frames)
-    click.echo(
-        f"{result['frames']} frames; real TIR changes by {result['real_change']:.2f} grey "
-        "levels a frame on average"
-    )
-    click.echo(f"{'model':<28}{'flicker ratio':>15}{'temporal error':>16}")
+    bench_echo(f"frames: {result['frames']}")
+    bench_echo(f"real TIR change per frame (grey levels): {result['real_change']:.2f}")
     for name, scores in result["models"].items():
-        click.echo(f"{name:<28}{scores['flicker_ratio']:>15.3f}{scores['temporal_error']:>16.3f}")
+        bench_echo(
+            f"{name}: flicker ratio {scores['flicker_ratio']:.3f}, "
+            f"temporal error {scores['temporal_error']:.3f}"
+        )
 
 
 @bench.command("generate-scale")
@@ -691,12 +812,17 @@ def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precisi
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--cpu-batch", default=32, show_default=True, type=click.IntRange(min=1))
 def bench_generate_scale(images, factor, shard_size, batch_size, cpu_batch) -> None:
-    """Generate at 1x and FACTORx images: per-image time and driver peak RSS, and ratios."""
+    """Generate at 1x and FACTORx images: per-image time and driver peak RSS, and ratios.
+
+    \b
+    Example:
+      tirsynth bench generate-scale --images 2000 --factor 10
+    """
     from tirsynth import bench as bench_module
 
     lines = bench_module.bench_generate_scale(images, factor, shard_size, batch_size, cpu_batch)
     for line in lines:
-        click.echo(line)
+        bench_echo(line)
 
 
 def _load(path, cls, overrides):
