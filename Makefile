@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean chromium
+.PHONY: demo test figure bench lint clean chromium
 
 $(BIN)/tirsynth: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ chromium:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
 		|| echo "chromium is not installed: the report rendering test will be skipped"
+
+# The README's figure: held-out pairs (two built-in sample pairs the built-in model never
+# saw, an M3SVD frame from ../shared/data) at their own resolution.
+SAMPLE := tirsynth/sample/roadscene
+M3SVD := ../shared/data/m3svd
+FIGURE_MODEL ?= tirsynth/builtin/sparse_plus_half.safetensors
+figure: $(BIN)/tirsynth
+	$(BIN)/tirsynth figure --out docs/results.png --checkpoint $(FIGURE_MODEL) \
+		--pair $(SAMPLE)/crop_LR_visible/FLIR_03801.jpg $(SAMPLE)/cropinfrared/FLIR_03801.jpg \
+		--pair $(SAMPLE)/crop_LR_visible/FLIR_06506.jpg $(SAMPLE)/cropinfrared/FLIR_06506.jpg \
+		--pair "$(M3SVD)/visible/0113_1714.mp4#frame=300" "$(M3SVD)/infrared/0113_1714.mp4#frame=300"
 
 bench: $(BIN)/tirsynth
 	$(BIN)/tirsynth bench ingest ../shared/data/roadscene ../shared/data/llvip \

@@ -44,7 +44,7 @@ class StagesInOrder(click.Group):
     """`tirsynth --help` lists the stages in pipeline order, then the tools."""
 
     ORDER = ("ingest", "info", "train", "generate", "export", "evaluate", "report",
-             "pipeline", "model", "save-weights", "bench")  # fmt: skip
+             "figure", "pipeline", "model", "save-weights", "bench")  # fmt: skip
 
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
@@ -483,6 +483,40 @@ def evaluate(overrides, **flags) -> None:
         groups = ", ".join(f"{g} {v['ssim']:.4f}" for g, v in scores["by_daynight"].items())
         click.echo(f"{name:<24}{overall['ssim']:>8.4f}{overall['psnr']:>8.2f}  {groups}")
     click.echo(f"report: {result.out / 'report.html'}")
+
+
+@cli.command()
+@click.option(
+    "--pair",
+    "pairs",
+    nargs=2,
+    multiple=True,
+    required=True,
+    metavar="RGB TIR",
+    help="A registered pair (repeatable); a video frame is `clip.mp4#frame=N`.",
+)
+@checkpoint_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--long-side", type=click.IntRange(min=1), help="Override the working scale.")
+def figure(pairs, checkpoint, out, long_side) -> None:
+    """RGB | generated TIR | real TIR of registered pairs, each at its own resolution, as
+    one PNG (the README's results figure is made so: `make figure`).
+
+    \b
+    Example:
+      tirsynth figure --pair rgb/0001.jpg tir/0001.jpg --out results.png
+    """
+    from pathlib import Path
+
+    from tirsynth import evaluate as evaluate_stage
+    from tirsynth.inference import resolve_checkpoint
+
+    with user_errors():
+        cfg = EvaluateConfig(long_side=long_side)
+        path = evaluate_stage.results_figure(
+            list(pairs), resolve_checkpoint(checkpoint), Path(out), cfg
+        )
+    click.echo(f"wrote {path}")
 
 
 @cli.command()

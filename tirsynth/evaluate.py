@@ -285,3 +285,36 @@ def _unique_names(paths: list[Path]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     return [f"{name}-{i}" for i, name in enumerate(names)]
+
+
+def results_figure(
+    pairs: list[tuple[str, str]], checkpoint: Path, out: Path, cfg: EvaluateConfig
+) -> Path:
+    """One PNG: a row per registered pair, RGB | generated TIR | real TIR, each at the
+    pair's own resolution (rows taller than 480 pixels are scaled down to 480). A path may
+    name a video frame (`clip.mp4#frame=N`, frames counted from 0)."""
+    translate = translator(describe_checkpoint(checkpoint.stem, checkpoint), cfg)
+    rows = []
+    for rgb_path, tir_path in pairs:
+        rgb = _read_image(rgb_path).convert("RGB")
+        real = np.asarray(_read_image(tir_path).convert("L"))
+        if real.shape != (rgb.height, rgb.width):
+            raise ValueError(f"{rgb_path} and {tir_path} differ in size: not a registered pair")
+        rows.append([np.asarray(rgb), translate([rgb])[0], real])
+    return quality.write_image_grid(rows, out, height=None)
+
+
+def _read_image(path: str):
+    from PIL import Image, ImageOps
+
+    from tirsynth import video
+
+    frame = video.parse_frame_path(path)
+    if frame is not None:
+        reader = video.FrameReader(frame[0])
+        try:
+            return reader.frame(frame[1])
+        finally:
+            reader.close()
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).copy()

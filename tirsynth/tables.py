@@ -3,10 +3,9 @@
 pyarrow converts Python sequences (`pa.array`, `pa.table`, `Table.from_pylist`) only after
 asking its pandas shim whether they are pandas objects, and `pq.read_table` goes through
 `pyarrow.dataset`: both import pandas when it is installed (Ray Data installs it). That
-costs every `tirsynth ingest` or `info` 0.14 s and 20 MB, and makes each fork of the
+import would be most of a small `tirsynth ingest` or `info`, and makes each fork of the
 process dearer (ingest forks its workers). The columns of our tables hold None, bool, int,
-float or str, which are built here from buffers (in about twice pyarrow's own time: 20 ms
-for 10,000 index rows); anything else goes through `pa.array`.
+float or str, which are built here from buffers; anything else goes through `pa.array`.
 """
 
 from __future__ import annotations
