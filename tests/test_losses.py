@@ -94,3 +94,21 @@ def test_d_augment_moves_rgb_and_tir_together_is_seeded_and_lets_gradient_throug
     assert plain[0] is cond and torch.equal(plain[1], ramp[:, 3:])
     with pytest.raises(ValueError, match="d_augment"):
         LossConfig(d_augment="mixup")
+
+
+def test_low_pass_leaves_fine_detail_to_the_gan_and_keeps_the_low_frequencies():
+    """loss.low_pass: L1 and intensity compare blurred images, so a fine checkerboard
+    costs (almost) nothing there while a change of level still costs in full."""
+    real = torch.zeros(1, 1, 32, 32)
+    checker = (torch.arange(32).view(-1, 1) + torch.arange(32)).remainder(2) * 0.4 - 0.2
+    fake = real + checker
+    plain = LossConfig(gan=0, gradient=0, intensity=30, l1=100)
+    blurred = LossConfig(gan=0, gradient=0, intensity=30, l1=100, low_pass=2.0)
+    _, sharp_terms = losses.generator_loss(None, real, fake, plain)
+    _, low_terms = losses.generator_loss(None, real, fake, blurred)
+    assert sharp_terms["g_l1"] == pytest.approx(20.0)
+    assert low_terms["g_l1"] < 0.5 and low_terms["g_intensity"] < 0.2
+    _, level_terms = losses.generator_loss(None, real, real + 0.3, blurred)
+    assert level_terms["g_l1"] == pytest.approx(30.0, rel=1e-4)
+    with pytest.raises(ValueError, match="low_pass"):
+        LossConfig(low_pass=-1)

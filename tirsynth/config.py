@@ -116,13 +116,17 @@ class LossConfig:
     # step: comma-separated of color, translation, cutout; '' for none. D then cannot
     # memorise a small training set's pairs.
     d_augment: str = ""
+    # Gaussian sigma (pixels) of a blur applied to output and target before the L1 and
+    # intensity terms: they then fix only the low frequencies, and leave the edges to the
+    # GAN and the gradient term (pix2pix: L1 for the low, the PatchGAN for the high).
+    low_pass: float = 0.0
 
     def __post_init__(self) -> None:
         check_literals(self)
         unknown = set(filter(None, self.d_augment.split(","))) - set(AUGMENTS)
         if unknown:
             raise ValueError(f"loss.d_augment: {sorted(unknown)} not in {AUGMENTS}")
-        for name in ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching"):
+        for name in ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching", "low_pass"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 

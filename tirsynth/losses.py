@@ -42,6 +42,22 @@ def gradient_map(gray: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.sqrt((sobel(gray) ** 2).sum(dim=1, keepdim=True) + eps)
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by a separable Gaussian of `sigma` pixels (3 sigma each side,
+    reflected at the border); sigma 0 returns the images."""
+    if not sigma:
+        return images
+    radius = max(1, int(3 * sigma + 0.5))
+    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
 def generator_loss(
     fake_logits: torch.Tensor | None, real: torch.Tensor, fake: torch.Tensor, cfg: LossConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -55,8 +71,9 @@ def generator_loss(
     terms: dict[str, torch.Tensor] = {}
     if cfg.gan and fake_logits is not None:
         terms["g_gan"] = cfg.gan * adversarial_loss(fake_logits, True, cfg.gan_mode)
+    low_fake, low_real = gaussian_blur(fake, cfg.low_pass), gaussian_blur(real, cfg.low_pass)
     if cfg.l1:
-        terms["g_l1"] = cfg.l1 * F.l1_loss(fake, real)
+        terms["g_l1"] = cfg.l1 * F.l1_loss(low_fake, low_real)
     if cfg.gradient or cfg.intensity or cfg.ssim:
         real_i, fake_i = intensity(real), intensity(fake)
         if cfg.ssim:
@@ -64,7 +81,8 @@ def generator_loss(
             score = metrics.ssim(((real_i + 1) * 127.5)[:, 0], ((fake_i + 1) * 127.5)[:, 0])
             terms["g_ssim"] = cfg.ssim * (1 - score.mean()).float()
         if cfg.intensity:
-            terms["g_intensity"] = cfg.intensity * F.l1_loss(fake_i, real_i)
+            low = intensity(low_fake), intensity(low_real)
+            terms["g_intensity"] = cfg.intensity * F.l1_loss(*low)
         if cfg.gradient and cfg.gradient_of == "magnitude":
             terms["g_gradient"] = cfg.gradient * F.l1_loss(
                 gradient_map(fake_i), gradient_map(real_i)
