@@ -124,6 +124,8 @@ def test_coco_labels_arrive_unchanged_and_point_to_outputs(tmp_path, tiny_checkp
             assert 0 <= record["metrics"]["structure"] <= 1
     report = json.loads((out / "report.json").read_text())
     assert report["outputs"] == len(SIZES) and report["batches"]
+    # The model's own time, and its share of the pipeline's (one replica here).
+    assert report["model_seconds_per_image"] > 0 and 0 < report["model_share"] <= 1.05
     assert report["overall"]["structure"] is not None
 
     folder = tmp_path / "exported"

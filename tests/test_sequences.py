@@ -13,7 +13,7 @@ from conftest import write_video
 from PIL import Image
 from test_generate import generate_cfg
 
-from tirsynth import corpus, export, generate, sequences, shards, video
+from tirsynth import corpus, export, folders, generate, sequences, shards, video
 from tirsynth.cli import cli
 
 SEQINFO = (
@@ -53,6 +53,7 @@ def test_frame_numbers_sequence_names_and_numbered_folders():
     assert sequences.sequence_of("train/MOT17-02/img1/000001.jpg") == "train/MOT17-02"
     assert sequences.sequence_of("airplane/airplane-1/img/00000001.jpg") == "airplane/airplane-1"
     assert sequences.sequence_of("GOT-10k_Train_000001/00000001.jpg") == "GOT-10k_Train_000001"
+    assert sequences.sequence_of("img1/000001.jpg") == ""  # the root is the sequence
     assert sequences.is_numbered_folder(["000001.jpg", "000002.jpg", "000004.jpg", "notes.txt"])
     # COCO's file names are numbers too, far apart: not a sequence.
     assert not sequences.is_numbered_folder(["000000391895.jpg", "000000397133.jpg"])
@@ -72,6 +73,12 @@ def test_mot_tree_comes_back_as_a_mot_tree(tmp_path, tiny_checkpoint, ray_sessio
     source = tmp_path / "mot"
     labels = make_mot(source)
     assert corpus.detect_kind(source) == "sequences"
+    # One sequence's own folder is a tracking layout too, named after the folder.
+    single = corpus.discover_corpus(source / "train" / "MOT-01")
+    assert single.kind == "sequences" and {e.sequence for e in single.entries()} == {"MOT-01"}
+    assert sorted(f.relpath for f in single.sequence_files()) == [
+        "det/det.txt", "gt/gt.txt", "seqinfo.ini"
+    ]  # fmt: skip
     out, to = tmp_path / "out", tmp_path / "exported"
     # Tasks of two frames: each starts in the middle of its sequence.
     result = generate.run(generate_cfg(source, out, tiny_checkpoint, cpu_batch=2), progress=False)
@@ -80,6 +87,7 @@ def test_mot_tree_comes_back_as_a_mot_tree(tmp_path, tiny_checkpoint, ray_sessio
     assert sorted((r["sequence"], r["frame"]) for r in rows) == sorted(
         [("train/MOT-01", n) for n in range(1, 7)] + [("train/MOT-02", n) for n in (1, 2, 3, 5, 6)]
     )
+    assert folders.describe(out)["sequences"] == 2  # tirsynth info says so
     exported = export.run(out, to, progress=False)
     assert (exported.images, exported.filled_frames, exported.empty_sequences) == (11, 1, [])
 

@@ -134,10 +134,10 @@ def test_csv_of_video_pairs_ingests_frames_at_the_stride_each_clip_in_one_split(
         write_video(root / "ir" / f"{clip}.mp4", tir_frames, offset=5)
     table = root / "pairs.csv"
     table.write_text(
-        "rgb,tir,key,split\n"
-        "rgb/a.mp4,ir/a.mp4,walk,test\n"
-        "rgb/b.mp4,ir/b.mp4,,\n"
-        "rgb/c.mp4,ir/c.mp4,,\n"
+        "rgb,tir,key,split,daynight\n"
+        "rgb/a.mp4,ir/a.mp4,walk,test,day\n"
+        "rgb/b.mp4,ir/b.mp4,,,\n"
+        "rgb/c.mp4,ir/c.mp4,,,\n"
     )
     assert layouts.detect_layout(table) == "csv"
     out = tmp_path / "data"
@@ -145,6 +145,8 @@ def test_csv_of_video_pairs_ingests_frames_at_the_stride_each_clip_in_one_split(
     index = shards.read_index(out)
     frames = sorted((row["clip"], int(row["frame"])) for row in index)
     assert frames == [("rgb/b", 0), ("rgb/b", 4), ("walk", 0), ("walk", 4), ("walk", 8)]
-    assert {row["split"] for row in index if row["clip"] == "walk"} == {"test"}
+    assert {(row["split"], row["daynight"]) for row in index if row["clip"] == "walk"} == {
+        ("test", "day")
+    }
     assert len({row["split"] for row in index if row["clip"] == "rgb/b"}) == 1
     assert [r["reason"] for r in result.rejects] == ["frame-count mismatch: RGB 5 frames, TIR 4"]

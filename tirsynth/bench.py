@@ -277,7 +277,8 @@ def bench_generate(
                     f"{'started in this run' if run == 'cold' else 'already running'}): "
                     f"{rate:.2f} images/s over {result.generated} images "
                     f"({result.report['pipeline_seconds']:.1f} s); ratio to bare forward "
-                    f"{rate / bare:.2f}"
+                    f"{rate / bare:.2f}; the model busy {result.report['model_share']:.2f} "
+                    "of the pipeline's time"
                 )
         yield f"peak memory (PSS, driver + Ray workers): {memory.peak / 2**30:.2f} GiB"
         if translator.precision != "fp32":

@@ -195,6 +195,7 @@ def info(root, as_json) -> None:
             f"{root}: TIR shards, {summary['outputs']} generated images in {summary['shards']} "
             f"shards (status: {summary['status']}) from {summary['input_kind']} input "
             f"{summary['input']} with {summary['checkpoint']}; {summary['rejects']} rejects"
+            + (f"; {summary['sequences']} sequences" if summary["sequences"] else "")
         )
         sections = (("rejects by reason", "rejects_by_reason"),)
     else:
@@ -351,6 +352,11 @@ def generate(input_, overrides, dry_run, **flags) -> None:
         f"generated {result.generated} images ({result.total} in {result.out}); "
         f"{result.report['images_per_s']:.2f} images/s; checkpoint {result.checkpoint}"
     )
+    if result.report.get("model_share") is not None and result.generated:
+        click.echo(
+            f"model: {result.report['model_seconds_per_image'] * 1000:.1f} ms per image, "
+            f"busy {result.report['model_share']:.0%} of the pipeline's time"
+        )
     click.echo(f"mean quality: {scores}")
     temporal = result.report.get("temporal")
     if temporal and temporal["flicker_ratio"] is not None:

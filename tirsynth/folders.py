@@ -39,8 +39,9 @@ def describe(root: str | Path) -> dict[str, Any]:
 
 
 def _generated(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    index = shards.read_arrow(root / shards.INDEX, ["shard", "shard_bytes"])
+    index = shards.read_arrow(root / shards.INDEX, ["shard", "shard_bytes", "sequence"])
     rejects = shards.read_rejects(root)
+    has_sequences = "sequence" in index.column_names and index["sequence"].null_count < len(index)
     damaged = shards.damaged_shards(root, index)
     status = manifest.get("status", "unknown")
     return {
@@ -53,6 +54,7 @@ def _generated(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "input_kind": manifest.get("input_kind"),
         "checkpoint": manifest.get("checkpoint"),
         "size": manifest.get("size"),
+        "sequences": len(index["sequence"].drop_null().unique()) if has_sequences else 0,
         "rejects": len(rejects),
         "rejects_by_reason": dict(shards.rejects_by_reason(rejects)),
     }

@@ -87,7 +87,8 @@ MIN_STREAMING_BUDGET = 32 << 20
 # runs as several pipelines over windows of the listing, one after another.
 WINDOW_BLOCKS = 16384
 # Input columns each stage hands on untouched, for the worker that writes the shard.
-PASSED_THROUGH = ("relpath", "labels", "source", "input_path", "sequence", "frame")
+PASSED_THROUGH = ("relpath", "labels", "source", "input_path", "sequence", "frame",
+                  "model_seconds")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -428,6 +429,7 @@ def write_shard_batch(batch: dict[str, np.ndarray], out: str, input_kind: str) -
     if rejects:
         shards.write_rejects(folder, rejects, REJECT_COLUMNS, fragment=name)
     summary = {"shard": name, "images": len(rows), "rejected": len(rejects), **metric_sums(rows)}
+    summary["model_seconds"] = float(np.sum(batch.get("model_seconds", 0.0)))
     summary["reasons"] = json.dumps(dict(shards.rejects_by_reason(rejects)))
     return {k: np.array([v]) for k, v in summary.items()}
 
@@ -515,6 +517,8 @@ class RunTotals:
 
     def __init__(self) -> None:
         self.outputs = self.added = self.rejected = 0
+        self.model_seconds = 0.0  # the model's own time, summed over its calls
+        self.replicas = 1  # of the model, in this run's pipeline
         self.sums: dict[str, float] = dict.fromkeys(metrics.QUALITY_FIELDS, 0.0)
         self.counts: dict[str, int] = dict.fromkeys(metrics.QUALITY_FIELDS, 0)
         self.reasons: Counter = Counter()
@@ -535,6 +539,7 @@ class RunTotals:
         self.added += images
         self.rejected += rejected
         self.reasons.update(json.loads(summary["reasons"]))
+        self.model_seconds += float(summary.get("model_seconds", 0.0))
         point = {"shards": 1, "images": images, "rejected": rejected, "seconds": seconds}
         for field in metrics.QUALITY_FIELDS:
             total, count = float(summary[f"{field}_sum"]), int(summary[f"{field}_count"])
@@ -624,6 +629,14 @@ def build_report(
         "seconds": seconds,
         "pipeline_seconds": pipeline_seconds,  # without starting Ray and listing the input
         "images_per_s": totals.added / pipeline_seconds if pipeline_seconds else 0.0,
+        # The generator's own time per image, and its share of the pipeline's time (per
+        # replica): near 1 the model sets the pace, well below it the CPU stages do.
+        "model_seconds_per_image": totals.model_seconds / totals.added if totals.added else None,
+        "model_share": (
+            totals.model_seconds / (pipeline_seconds * totals.replicas)
+            if pipeline_seconds
+            else None
+        ),
         "steady_images_per_s": _steady_rate(batches),
         "overall": totals.means(),
         "batches": batches,  # per shard, merged in pairs past RunTotals.MAX_POINTS
@@ -682,7 +695,7 @@ def _run_pipeline(
         context.execution_options.resource_limits = ray.data.ExecutionResources(
             object_store_memory=streaming_budget(cpus, cfg.cpu_batch, size)
         )
-        replicas = cfg.workers or max(gpus, 1)
+        replicas = totals.replicas = cfg.workers or max(gpus, 1)
         model_batch = cfg.batch_size or (GPU_BATCH if gpus else CPU_BATCH)
         # Ray gives each actor one thread per CPU it reserves. On the CPU the model is the
         # bottleneck and the CPU tasks mostly wait for it, so each replica reserves one CPU

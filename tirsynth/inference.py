@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -102,8 +103,11 @@ class Translator:
         def autocast():
             return torch.autocast(self.device.type, dtype=self.dtype, enabled=bool(self.dtype))
 
+        started = time.perf_counter()
         tir = translate_squares(self.generator, batch["pixels"], autocast, self.tile)
-        return {**batch, "tir": tir}
+        # Each image's share of the model call (the result is on the CPU: work is done).
+        seconds = (time.perf_counter() - started) / max(len(tir), 1)
+        return {**batch, "tir": tir, "model_seconds": np.full(len(tir), seconds)}
 
 
 @torch.no_grad()

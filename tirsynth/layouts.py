@@ -250,7 +250,13 @@ def match_videos(
 
 
 def video_pair_frames(
-    dataset: str, clip: str, rgb: str, tir: str, stride: int, split: str | None = None
+    dataset: str,
+    clip: str,
+    rgb: str,
+    tir: str,
+    stride: int,
+    split: str | None = None,
+    daynight: str | None = None,
 ) -> tuple[list[PairSource], Reject | None]:
     """Every `stride`-th frame of a registered RGB/TIR clip pair from frame 0, or the
     reason the pair cannot be used (a video that does not open, frame counts that
@@ -271,6 +277,7 @@ def video_pair_frames(
             video.frame_path(rgb, number),
             video.frame_path(tir, number),
             split,
+            daynight,
             clip=clip,
             frame=number,
         )
@@ -313,7 +320,8 @@ def read_pair_csv(
         if video.is_video(rgb) and video.is_video(tir):
             clip = row.get("key") or rel
             found, reject = video_pair_frames(name, clip, rgb, tir, frame_stride,
-                                              row.get("split") or None)  # fmt: skip
+                                              row.get("split") or None,
+                                              row.get("daynight") or None)  # fmt: skip
             pairs += found
             rejects += [reject] if reject else []
             continue

@@ -12,9 +12,10 @@ except the image extension in a `seqinfo.ini`, which follows the exported frames
 
 from __future__ import annotations
 
+import os
 import re
 from fractions import Fraction
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from tirsynth.layouts import IMAGE_SUFFIXES
 
@@ -31,13 +32,28 @@ _IMAGE_EXTENSION = re.compile(rb"(?im)^(\s*imExt\s*=\s*)(\S+)")
 _FRAME_RATE = re.compile(rb"(?im)^\s*frameRate\s*=\s*([0-9.]+)")
 
 
-def is_tracking_layout(root) -> bool:
-    """A MOT, GOT-10k or LaSOT tree: a marker file in a sequence folder one to three levels
-    down (`<seq>/`, `train/<seq>/`, `<category>/<seq>/`...)."""
-    for depth in ("*", "*/*", "*/*/*"):
-        for marker in TRACKING_MARKERS:
-            if next(iter(root.glob(f"{depth}/{marker}")), None) is not None:
-                return True
+def is_tracking_layout(root: Path, depth: int = 3) -> bool:
+    """A MOT, GOT-10k or LaSOT tree: a marker file in the folder itself (one sequence)
+    or in a sequence folder one to three levels down (`<seq>/`, `train/<seq>/`,
+    `<category>/<seq>/`...). Folders are listed breadth first, each once, and the search
+    stops at the level of the first marker: a large image tree that is no tracking layout
+    costs one listing of each folder down to depth 2."""
+    if any((root / marker).is_file() for marker in TRACKING_MARKERS):
+        return True  # one sequence's own folder
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    below += [
+                        Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")
+                    ]
+            except OSError:
+                continue
+        if any((folder / marker).is_file() for folder in below for marker in TRACKING_MARKERS):
+            return True
+        level = below
     return False
 
 
@@ -49,9 +65,10 @@ def frame_number(relpath: str) -> int | None:
 
 def sequence_of(relpath: str) -> str:
     """The sequence a frame in a tracking layout belongs to: its folder, or the one above
-    for a frame folder (`MOT17-02/img1/000001.jpg` -> `MOT17-02`)."""
+    for a frame folder (`MOT17-02/img1/000001.jpg` -> `MOT17-02`); '' for the root (the
+    caller names it after the root folder)."""
     folder = PurePosixPath(relpath).parent
-    if folder.name in FRAME_FOLDERS and str(folder.parent) != ".":
+    if folder.name in FRAME_FOLDERS:
         folder = folder.parent
     return "" if str(folder) == "." else str(folder)
 
