@@ -250,6 +250,8 @@ def test_generate_export_and_bench_generate(tmp_path, tiny_checkpoint, ray_sessi
     assert bench.exit_code == 0, bench.output
     assert "ratio to bare forward" in bench.output and "peak memory" in bench.output
     assert "generate, cold" in bench.output and "generate, warm" in bench.output
+    # --limit's subset is real files in a folder of their own (a link out would be a reject)
+    assert bench.output.count("over 4 images") == 2 and "the model busy" in bench.output
 
 
 def test_evaluate_command(tmp_path, learnable_shards, tiny_checkpoint):

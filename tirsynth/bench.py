@@ -501,7 +501,11 @@ def _image_subset(source: Path, limit: int, folder: Path) -> Path:
         return source
     folder.mkdir(parents=True)
     for path in files[:limit]:
-        os.symlink(path.resolve(), folder / path.name)
+        # A hard link or a copy: a symbolic link out of the input folder is a reject.
+        try:
+            os.link(path, folder / path.name)
+        except OSError:
+            shutil.copyfile(path, folder / path.name)
     return folder
 
 
