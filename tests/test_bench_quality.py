@@ -49,3 +49,14 @@ def test_quality_bench_on_the_shared_pairs(shared_data, tmp_path):
     assert "overall" in "\n".join(lines) and "llvip" in "\n".join(lines)
     again = list(bench_quality.run(bench, progress=False))
     assert again == lines
+
+
+def test_video_adds_m3svd_clips_whole_and_keeps_the_smoke_clips_out(shared_data, tmp_path):
+    data = bench_quality.prepare_data(shared_data, tmp_path / "data-video", video=True)
+    rows = [r for r in shards.read_index(data) if r["dataset"] == "m3svd"]
+    splits = {}
+    for row in rows:
+        splits.setdefault(row["clip"], set()).add(row["split"])
+    assert splits == {clip: {split} for clip, split in bench_quality.M3SVD_SPLITS.items()}
+    assert {r["daynight"] for r in rows} == {"day"}
+    assert len(rows) == sum(-(-n // 10) for n in (560, 407, 590, 205))  # every 10th frame

@@ -2,7 +2,9 @@
 seeds, and score it on a fixed test split beside the RGB-luma baselines.
 
 One fixed split of RoadScene + LLVIP (by a hash of dataset and stem: 70% train, 10% val,
-20% test, LLVIP included in each) is ingested once under the output folder. Each seed
+20% test, LLVIP included in each) is ingested once under the output folder; with `video`,
+M3SVD's registered clips too, every tenth frame, each clip whole in one split
+(`M3SVD_SPLITS`). Each seed
 trains the config with `train.checkpoint_every` set so that the last `last` snapshots are
 kept; each snapshot is scored by `evaluate` (the user's protocol: full size, one channel)
 and a seed's figure is their mean, because a GAN's score moves by hundredths between
@@ -28,7 +30,13 @@ from tirsynth.config import EvaluateConfig, IngestConfig, TrainConfig, load_conf
 SPLIT = (0.7, 0.1, 0.2)
 # The fast proxy for screening ideas: 128 px, half width, depth 7 (a 128 side allows 7).
 PROXY = ("data.image_size=128", "model.ngf=32", "model.ndf=32", "model.depth=7")
-GROUPS = ("overall", "roadscene", "llvip", "day", "night")
+GROUPS = ("overall", "roadscene", "llvip", "m3svd", "day", "night")
+# M3SVD's clips, whole: one to train on, one to test (its frames are the `m3svd` column),
+# and the two where smoke hides from the RGB camera the people the thermal camera sees,
+# which no RGB-to-TIR model can recover (the data's README): ingested as split `smoke`,
+# out of both.
+M3SVD_SPLITS = {"0113_1714": "train", "1230_1202": "test", "0117_1605": "smoke",
+                "0117_1620": "smoke"}  # fmt: skip
 METRICS = ("ssim", "psnr", "gmsd", "edge_ratio", "lbp_distance")
 
 
@@ -43,12 +51,14 @@ class QualityBench:
     last: int = 3  # snapshots per seed to average (the last ones, evenly spaced)
     proxy: bool = False
     first_seed: int = 0  # run seeds first_seed .. first_seed + seeds - 1
+    video: bool = False  # add M3SVD's clips (`M3SVD_SPLITS`)
 
 
 def run(bench: QualityBench, progress: bool = True) -> Iterator[str]:
     """Train and score each seed (reusing finished seeds in `out`), then print the table."""
     out = Path(bench.out)
-    data = prepare_data(Path(bench.shared), out / "data")
+    data = prepare_data(Path(bench.shared), out / ("data-video" if bench.video else "data"),
+                        bench.video)  # fmt: skip
     overrides = [*(PROXY if bench.proxy else ()), *bench.overrides]
     cfg = load_config(bench.config, TrainConfig, overrides)
     every = max(1, bench.steps // (bench.last + 1))  # 1600 steps, last 3: 800, 1200, 1600
@@ -74,7 +84,7 @@ def run(bench: QualityBench, progress: bool = True) -> Iterator[str]:
     yield from format_table(name, summary, bench.seeds)
 
 
-def prepare_data(shared: Path, data: Path) -> Path:
+def prepare_data(shared: Path, data: Path, video: bool = False) -> Path:
     """The shared pairs as pair shards with the benchmark's fixed split (once)."""
     if (data / shards.INDEX).exists():
         return data
@@ -89,14 +99,34 @@ def prepare_data(shared: Path, data: Path) -> Path:
             for p in sorted((roadscene / "crop_LR_visible").iterdir())]  # fmt: skip
     rows += [{"stem": p.stem, "daynight": "night", "split": _split("llvip", p.stem)}
              for p in sorted((llvip / "visible" / "train").iterdir())]  # fmt: skip
+    sources = [str(roadscene), str(llvip)]
+    if video:
+        rows += _m3svd_rows(shared / "m3svd")
+        sources.append(str(shared / "m3svd"))
     data.parent.mkdir(parents=True, exist_ok=True)
-    meta = data.parent / "split.csv"
+    meta = data.parent / ("split-video.csv" if video else "split.csv")
     with meta.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, ["stem", "daynight", "split"])
         writer.writeheader()
         writer.writerows(rows)
-    ingest.run(IngestConfig(sources=(str(roadscene), str(llvip)), meta=str(meta), out=str(data)))
+    ingest.run(IngestConfig(sources=tuple(sources), meta=str(meta), out=str(data)))
     return data
+
+
+def _m3svd_rows(m3svd: Path) -> list[dict[str, str]]:
+    """A split row for every frame that ingest takes (its default stride) of each clip."""
+    from tirsynth import video
+    from tirsynth.layouts import DEFAULT_FRAME_STRIDE
+
+    if not (m3svd / "visible").is_dir():
+        raise FileNotFoundError(f"{m3svd} is missing: the benchmark's --video needs it")
+    rows = []
+    for clip in sorted(p.stem for p in (m3svd / "visible").glob("*.mp4")):
+        split = M3SVD_SPLITS.get(clip, "smoke")  # a clip nobody looked at: kept out
+        frames = video.frame_count(m3svd / "visible" / f"{clip}.mp4")
+        rows += [{"stem": f"{clip}_{n:06d}", "daynight": "day", "split": split}
+                 for n in range(0, frames, DEFAULT_FRAME_STRIDE)]  # fmt: skip
+    return rows
 
 
 def train_and_score(
@@ -158,7 +188,7 @@ def summarize_seeds(per_seed: list[dict]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for model in per_seed[0]:
         summary[model] = {}
-        for group in GROUPS:
+        for group in [g for g in GROUPS if g in per_seed[0][model]]:
             summary[model][group] = {}
             for metric in METRICS:
                 values = [seed[model][group][metric] for seed in per_seed]
@@ -172,10 +202,11 @@ def summarize_seeds(per_seed: list[dict]) -> dict[str, Any]:
 
 def format_table(name: str, summary: dict[str, Any], seeds: int) -> Iterator[str]:
     yield f"{name}: mean over {seeds} seed(s) (spread = max - min); test split of the shared data"
+    shown = [g for g in GROUPS if g in next(iter(summary.values()))]
     for metric in METRICS:
-        yield f"{metric:<16}" + "".join(f"{g:>17}" for g in GROUPS)
+        yield f"{metric:<16}" + "".join(f"{g:>17}" for g in shown)
         for model, groups in summary.items():
-            cells = [groups[g][metric] for g in GROUPS]
+            cells = [groups[g][metric] for g in shown]
             yield f"  {model:<14}" + "".join(
                 f"{c['mean']:>10.4f} ({c['spread']:.3f})" for c in cells
             )

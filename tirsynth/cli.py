@@ -730,7 +730,12 @@ def bench_train(config_path, overrides, precisions, steps) -> None:
 @click.option("--proxy", is_flag=True, help="128 px, half width: a fast screen for ideas.")
 @click.option("--shared", default="../shared/data", show_default=True, type=click.Path())
 @click.option("--out", default="runs/bench-quality", show_default=True, type=click.Path())
-def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy, shared, out):
+@click.option(
+    "--video", is_flag=True, help="Add M3SVD's clips (one to train, one to test, smoke kept out)."
+)
+def bench_quality(
+    config_path, overrides, seeds, first_seed, steps, last, proxy, shared, out, video
+):
     """Train a config on the shared pairs for a fixed budget per seed; print SSIM, PSNR,
     GMSD, edge ratio and LBP-histogram distance at each image's own size on a fixed test
     split (overall, by dataset, day/night) beside the luma baselines.
@@ -742,7 +747,7 @@ def bench_quality(config_path, overrides, seeds, first_seed, steps, last, proxy,
     from tirsynth import bench_quality as quality_bench
 
     bench = quality_bench.QualityBench(
-        config_path, tuple(overrides), shared, out, seeds, steps, last, proxy, first_seed
+        config_path, tuple(overrides), shared, out, seeds, steps, last, proxy, first_seed, video
     )
     with user_errors():
         for line in quality_bench.run(bench):
