@@ -142,27 +142,51 @@ def _list_folder(root: Path) -> Iterator[InputImage | Reject]:
     (`sequences.is_numbered_folder`) is a sequence, named by its path (the root's by its
     name)."""
     numbered = _FolderCache(root, sequences.is_numbered_folder)
-    for rel, problem in walk_files(root):
-        path = root / rel
-        if problem:
-            yield _reject(rel, path, problem)
-        elif video.is_video(rel):
-            yield from _video_frames(rel, path)
-        elif Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-            folder = os.path.dirname(rel)
-            if numbered(folder):
-                sequence, frame = folder or root.name, sequences.frame_number(rel)
-                yield InputImage(_key(rel), rel, str(path), sequence=sequence, frame=frame)
-            else:
-                yield InputImage(_key(rel), rel, str(path))
-        else:
-            yield _reject(rel, path, "not an image file")
+
+    def image(rel: str, path: Path) -> InputImage:
+        folder = os.path.dirname(rel)
+        if not numbered(folder):
+            return InputImage(_key(rel), rel, str(path))
+        sequence, frame = folder or root.name, sequences.frame_number(rel)
+        return InputImage(_key(rel), rel, str(path), sequence=sequence, frame=frame)
+
+    def other(rel: str, path: Path) -> Iterator[Reject]:
+        yield _reject(rel, path, "not an image file")
+
+    return _walk_inputs(root, image, other)
 
 
 def _list_tracking(root: Path) -> Iterator[InputImage | Reject | SequenceFile]:
     """A MOT, GOT-10k or LaSOT tree: every image is a frame of its sequence
     (`sequences.sequence_of`), every video a sequence of its own, every other file a
     sequence file carried through unchanged."""
+
+    def image(rel: str, path: Path) -> InputImage:
+        sequence, frame = sequences.sequence_of(rel) or root.name, sequences.frame_number(rel)
+        return InputImage(_key(rel), rel, str(path), sequence=sequence, frame=frame)
+
+    def other(rel: str, path: Path) -> Iterator[Reject | SequenceFile]:
+        try:
+            size = path.stat().st_size
+        except OSError as error:
+            yield _reject(rel, path, f"cannot read the sequence file: {error.strerror}")
+            return
+        if size > sequences.MAX_SEQUENCE_FILE_BYTES:
+            yield _reject(rel, path, f"sequence file too large to carry ({size} bytes)")
+        else:
+            yield SequenceFile(rel, path)
+
+    return _walk_inputs(root, image, other)
+
+
+def _walk_inputs(
+    root: Path,
+    image: Callable[[str, Path], InputImage],
+    other: Callable[[str, Path], Iterator[Any]],
+) -> Iterator[Any]:
+    """Every file under `root` in `walk_files` order: a reject for one that cannot be
+    read, the frames of a video, `image(rel, path)` for an image, `other(rel, path)`'s
+    entries for anything else."""
     for rel, problem in walk_files(root):
         path = root / rel
         if problem:
@@ -170,18 +194,9 @@ def _list_tracking(root: Path) -> Iterator[InputImage | Reject | SequenceFile]:
         elif video.is_video(rel):
             yield from _video_frames(rel, path)
         elif Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-            sequence, frame = sequences.sequence_of(rel), sequences.frame_number(rel)
-            yield InputImage(_key(rel), rel, str(path), sequence=sequence or root.name, frame=frame)
+            yield image(rel, path)
         else:
-            try:
-                size = path.stat().st_size
-            except OSError as error:
-                yield _reject(rel, path, f"cannot read the sequence file: {error.strerror}")
-                continue
-            if size > sequences.MAX_SEQUENCE_FILE_BYTES:
-                yield _reject(rel, path, f"sequence file too large to carry ({size} bytes)")
-            else:
-                yield SequenceFile(rel, path)
+            yield from other(rel, path)
 
 
 def _video_frames(rel: str, path: Path) -> Iterator[InputImage | Reject]:
