@@ -116,3 +116,25 @@ def test_video_pairs_get_flicker_ratio_and_temporal_error_per_clip(tmp_path, tin
     assert inverted["overall"]["flicker_ratio"] == pytest.approx(1.0, abs=0.1)
     assert inverted["overall"]["temporal_error"] == pytest.approx(40, abs=4)
     assert "Temporal stability on video pairs" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_results_figure_rows_are_rgb_generated_and_real_at_their_own_size(
+    tmp_path, tiny_checkpoint
+):
+    from conftest import SAMPLE, write_video
+    from PIL import Image
+
+    from tirsynth.config import EvaluateConfig as Config
+
+    rgb = SAMPLE / "roadscene" / "crop_LR_visible" / "FLIR_03801.jpg"
+    tir = SAMPLE / "roadscene" / "cropinfrared" / "FLIR_03801.jpg"
+    write_video(tmp_path / "rgb.mp4", 3, size=(96, 64))
+    write_video(tmp_path / "tir.mp4", 3, size=(96, 64), offset=5)
+    pairs = [(str(rgb), str(tir)), (f"{tmp_path}/rgb.mp4#frame=2", f"{tmp_path}/tir.mp4#frame=2")]
+    path = evaluate.results_figure(pairs, tiny_checkpoint, tmp_path / "fig.png", Config())
+    with Image.open(rgb) as photo, Image.open(path) as figure:
+        height = min(photo.height, 480) + 4 + 64  # two rows at their own height, a 4 px gap
+        assert figure.size == (max(3 * photo.width + 8, 3 * 96 + 8), height)
+    with pytest.raises(ValueError, match="not a registered pair"):
+        evaluate.results_figure([(str(rgb), f"{tmp_path}/tir.mp4#frame=0")], tiny_checkpoint,
+                                tmp_path / "bad.png", Config())  # fmt: skip
