@@ -67,7 +67,9 @@ def run(
         raise ValueError(f"{generated} is not the output of `tirsynth generate`")
     if manifest["status"] != "complete":
         raise ValueError(f"{generated}: generation is incomplete; run it again to finish it")
-    index = shards.read_arrow(generated / shards.INDEX)
+    index = shards.read_arrow(
+        generated / shards.INDEX, ["shard", "shard_bytes", *SEQUENCE_SCHEMA.names]
+    )
     damaged = shards.damaged_shards(generated, index)
     if damaged:  # found before anything is written, as a damaged rejects fragment is
         raise shards.DamagedFile(
