@@ -108,6 +108,14 @@ def test_mot_tree_comes_back_as_a_mot_tree(tmp_path, tiny_checkpoint, ray_sessio
     # The rejected frame is its nearest generated neighbour (the earlier one on a tie).
     img1 = to / "train" / "MOT-02" / "img1"
     assert (img1 / "000004.png").read_bytes() == (img1 / "000003.png").read_bytes()
+    # One video per sequence at seqinfo.ini's frame rate, the filled frame in its place.
+    with_video = export.run(out, tmp_path / "with_video", progress=False, video_quality=None)
+    assert with_video.videos == 2
+    clip = tmp_path / "with_video" / "train" / "MOT-02.mkv"
+    assert video.frame_count(clip) == 6 and video.frame_rate(clip) == 25
+    reader = video.FrameReader(str(clip))
+    assert np.array_equal(np.asarray(reader.frame(3).convert("L")),
+                          np.asarray(Image.open(img1 / "000003.png")))  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["got10k", "lasot"])
