@@ -226,10 +226,12 @@ def bench_generate(
     limit: int = 0,
     shard_size: int = 16,
     long_side: int | None = None,
+    cpu_batch: int | None = None,
 ) -> Iterator[str]:
     """End-to-end generation images/s against the bare generator forward pass.
 
-    Both at the same batch size, resolution and precision, in this run; generate twice in
+    Both at the same batch size, resolution and precision, in this run; the CPU tasks take
+    `cpu_batch` images each (default: `generate`'s, what a user's run gets); generate twice in
     one Ray, cold and warm (see below). Without a checkpoint, a randomly initialised
     configs/sparse.yaml generator stands in (speed does not depend on the weights). Peak
     memory is the largest proportional set size (PSS) of this process and all its
@@ -253,7 +255,8 @@ def bench_generate(
         yield (
             f"checkpoint {checkpoint.name}, {count} images, frames at long side {geometry[1]} "
             f"in a model-side square of {size}, batch "
-            f"{batch_size}, precision {translator.precision}, {torch.get_num_threads()} threads"
+            f"{batch_size}, {cpu_batch or GenerateConfig().cpu_batch} images per CPU task, "
+            f"precision {translator.precision}, {torch.get_num_threads()} threads"
         )
         bare = _bare_images_per_s(translator, batch_size, size)
         yield f"bare generator forward: {bare:.2f} images/s"
@@ -261,7 +264,7 @@ def bench_generate(
             input=str(source_dir),
             checkpoint=str(checkpoint),
             batch_size=batch_size,
-            cpu_batch=batch_size,
+            cpu_batch=cpu_batch or GenerateConfig().cpu_batch,
             shard_size=shard_size,
             precision=precision,
             long_side=long_side,

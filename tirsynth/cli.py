@@ -786,7 +786,8 @@ def bench_quality(
     type=click.IntRange(min=1),
     help="Frames' long side for the model [the checkpoint's working scale].",
 )
-def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) -> None:
+@click.option("--cpu-batch", type=click.IntRange(min=1), help="Images per CPU task [generate's].")
+def bench_generate(source, checkpoint, batch_size, precision, limit, long_side, cpu_batch) -> None:
     """Generation images/s end to end against the bare generator forward pass.
 
     \b
@@ -796,7 +797,7 @@ def bench_generate(source, checkpoint, batch_size, precision, limit, long_side) 
     from tirsynth import bench as bench_module
 
     lines = bench_module.bench_generate(
-        source, checkpoint, batch_size, precision, limit, long_side=long_side
+        source, checkpoint, batch_size, precision, limit, long_side=long_side, cpu_batch=cpu_batch
     )
     for line in lines:
         bench_echo(line)
