@@ -166,6 +166,17 @@ def test_video_frames_in_order_with_a_video_out(tmp_path, tiny_checkpoint, ray_s
     assert temporal["sequences"] == 1 and temporal["frame_steps"] == 4
     assert temporal["input_change"] == pytest.approx(10, abs=2)  # 10 levels a frame
     assert "Temporal stability" in (out / "report.html").read_text()
+    # A killed run: one shard and its index fragment lost; the same command redoes only
+    # those frames, with the same keys (frame keys come from the video's path and number).
+    lost = sorted(out.glob("tir-*.tar"))[0]
+    lost_keys = {
+        r["key"] for r in shards.read_index(out, ["key", "shard"]) if r["shard"] == lost.name
+    }
+    lost.unlink()
+    (out / shards.INDEX / f"{lost.stem}.parquet").unlink()
+    again = generate.run(cfg, progress=False)
+    assert again.generated == len(lost_keys) and again.total == 9
+    assert sorted(r["frame"] for r in shards.read_index(out, ["frame"])) == list(range(1, 10))
     for row in shards.read_index(out, ["shard", "key", "frame", "sequence"]):
         assert row["sequence"] == "clip"
         sample = shards.read_samples(out / row["shard"], {row["key"]})[row["key"]]
