@@ -8,6 +8,7 @@ luma taken as the TIR, and its inverse.
 
 from __future__ import annotations
 
+import io
 import random
 import shlex
 import sys
@@ -296,25 +297,21 @@ def results_figure(
     translate = translator(describe_checkpoint(checkpoint.stem, checkpoint), cfg)
     rows = []
     for rgb_path, tir_path in pairs:
-        rgb = _read_image(rgb_path).convert("RGB")
-        real = np.asarray(_read_image(tir_path).convert("L"))
+        rgb = _read_image(rgb_path, "rgb").convert("RGB")
+        real = np.asarray(_read_image(tir_path, "tir").convert("L"))
         if real.shape != (rgb.height, rgb.width):
             raise ValueError(f"{rgb_path} and {tir_path} differ in size: not a registered pair")
         rows.append([np.asarray(rgb), translate([rgb])[0], real])
     return quality.write_image_grid(rows, out, height=None)
 
 
-def _read_image(path: str):
+def _read_image(path: str, role: str):
+    """An image file, or a video frame (decoded by `video.read_frame`), as PIL."""
     from PIL import Image, ImageOps
 
     from tirsynth import video
 
-    frame = video.parse_frame_path(path)
-    if frame is not None:
-        reader = video.FrameReader(frame[0])
-        try:
-            return reader.frame(frame[1])
-        finally:
-            reader.close()
+    if video.parse_frame_path(path) is not None:
+        return Image.open(io.BytesIO(video.read_frame(path, role).data))
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).copy()

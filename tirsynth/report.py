@@ -324,15 +324,12 @@ def _generate(run_dir: Path, report: dict) -> list[str]:
 TEMPORAL_PLOTS = 12  # sequences drawn; the table lists every sequence
 
 
-def temporal_by_sequence(run_dir: Path) -> list[dict[str, Any]]:
+def temporal_by_sequence(run_dir: Path, steps: pa.Table | None = None) -> list[dict[str, Any]]:
     """Per sequence of a generate run: frames, the mean frame-to-frame change of the output
     and of the input's luma (grey levels, model scale), and their ratio (the flicker ratio
-    against the input: 1 changes as much as the input does). Most flickering first."""
-    columns = ["sequence", "frame", "output_change", "input_change"]
-    index = shards.read_arrow(run_dir / shards.INDEX)
-    if not set(columns) <= set(index.column_names):
-        return []
-    index = index.select(columns).filter(pc.is_valid(index["output_change"]))
+    against the input: 1 changes as much as the input does). Most flickering first.
+    `steps`: `temporal_steps(run_dir)`, when the caller has read it already."""
+    index = temporal_steps(run_dir) if steps is None else steps
     if not len(index):
         return []
     table = index.group_by("sequence").aggregate(
@@ -351,8 +348,19 @@ def temporal_by_sequence(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -(r["flicker_ratio"] or 0.0))
 
 
+def temporal_steps(run_dir: Path) -> pa.Table:
+    """The index rows of a generate run that measured a frame-to-frame change: sequence,
+    frame, output_change, input_change (no rows for a run without sequences)."""
+    columns = ["sequence", "frame", "output_change", "input_change"]
+    index = shards.read_arrow(run_dir / shards.INDEX, columns)
+    if not set(columns) <= set(index.column_names):
+        return pa.table({name: pa.array([], pa.float64()) for name in columns})
+    return index.filter(pc.is_valid(index["output_change"]))
+
+
 def _temporal(run_dir: Path) -> list[str]:
-    sequences = temporal_by_sequence(run_dir)
+    index = temporal_steps(run_dir)
+    sequences = temporal_by_sequence(run_dir, index)
     if not sequences:
         return []
     parts = [
@@ -375,12 +383,8 @@ def _temporal(run_dir: Path) -> list[str]:
             ],
         ),  # fmt: skip
     ]
-    index = shards.read_arrow(
-        run_dir / shards.INDEX, ["sequence", "frame", "output_change", "input_change"]
-    )
     for row in sequences[:TEMPORAL_PLOTS]:
-        rows = index.filter(pc.equal(index["sequence"], row["sequence"]))
-        rows = rows.filter(pc.is_valid(rows["output_change"])).sort_by("frame")
+        rows = index.filter(pc.equal(index["sequence"], row["sequence"])).sort_by("frame")
         frames = rows["frame"].to_pylist()
         series = {
             "output": (frames, rows["output_change"].to_pylist()),
