@@ -76,6 +76,7 @@ class ModelConfig:
     disc_norm: Literal["batch", "spectral"] = "batch"  # spectral: SN convs, no BatchNorm
     # G's decoder: transposed convs (the paper) or resize + conv (no checkerboard artefacts)
     upsample: Literal["transpose", "resize"] = "transpose"
+    input_skip: bool = False  # the input RGB joins a full-resolution output head (level 0)
 
     def __post_init__(self) -> None:
         check_literals(self)

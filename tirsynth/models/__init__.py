@@ -30,6 +30,7 @@ def build_generator(cfg: ModelConfig) -> UNetGenerator:
         skips=cfg.resolved_skips(),
         dropout=cfg.dropout,
         upsample=cfg.upsample,
+        input_skip=cfg.input_skip,
     )
 
 

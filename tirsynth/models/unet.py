@@ -30,6 +30,9 @@ class UNetGenerator(nn.Module):
         upsample: "transpose" (pix2pix and the paper: 4x4 stride-2 transposed convs) or
             "resize" (nearest 2x resize, then a 3x3 conv: no checkerboard, Odena et al.
             2016, "Deconvolution and Checkerboard Artifacts").
+        input_skip: skip level 0: the input itself joins the last decoder layer's
+            features at full resolution, and a 3x3 conv and a 1x1 conv make the output.
+            Without it the finest features G has are at half resolution.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class UNetGenerator(nn.Module):
         skips: tuple[int, ...] = SPARSE_SKIPS,
         dropout: float = 0.5,
         upsample: str = "transpose",
+        input_skip: bool = False,
     ):
         super().__init__()
         if upsample not in ("transpose", "resize"):
@@ -66,18 +70,19 @@ class UNetGenerator(nn.Module):
         self.decoder = nn.ModuleList()
         for e in range(depth, 0, -1):
             width_in = channels[e] * (2 if e in self.skips else 1)
-            width_out = out_channels if e == 1 else channels[e - 1]
+            width_out = channels[e - 1] if e > 1 else base_channels if input_skip else out_channels
             # pix2pix's unet_256: the three decoder layers after the innermost one.
             uses_dropout = dropout > 0 and depth - 3 <= e < depth and e > 1
             self.decoder.append(
                 decoder_layer(
                     width_in,
                     width_out,
-                    outermost=e == 1,
+                    outermost=e == 1 and not input_skip,
                     dropout=dropout if uses_dropout else 0.0,
                     upsample=upsample,
                 )
             )
+        self.head = input_head(in_channels, base_channels, out_channels) if input_skip else None
         init_pix2pix(self)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
@@ -91,6 +96,8 @@ class UNetGenerator(nn.Module):
             if level < self.depth and level in self.skips:
                 h = torch.cat([features[level - 1], h], dim=1)  # the skip: (1,15), (3,13)...
             h = layer(h)
+        if self.head is not None:
+            h = self.head(torch.cat([rgb, h], dim=1))
         return h
 
     def skip_pairs(self) -> list[tuple[int, int]]:
@@ -110,6 +117,29 @@ def init_pix2pix(module: nn.Module, gain: float = 0.02) -> None:
             continue
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+
+
+class ReluAfter(nn.Module):
+    """ReLU on the channels after the first `keep`: the input beside features passes as is."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, : self.keep], torch.relu(x[:, self.keep :])], dim=1)
+
+
+def input_head(in_channels: int, width: int, out_channels: int) -> nn.Sequential:
+    """The output of skip level 0: ReLU'd decoder features beside the raw input, a 3x3 conv
+    that can place edges at the input's own pixels, then a 1x1 conv and Tanh."""
+    return nn.Sequential(
+        ReluAfter(in_channels),
+        nn.Conv2d(in_channels + width, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, out_channels, 1),
+        nn.Tanh(),
+    )
 
 
 def encoder_layer(width_in: int, width_out: int, *, norm: bool, activation: bool) -> nn.Sequential:
