@@ -135,6 +135,12 @@ def test_results_figure_rows_are_rgb_generated_and_real_at_their_own_size(
     with Image.open(rgb) as photo, Image.open(path) as figure:
         height = min(photo.height, 480) + 4 + 64  # two rows at their own height, a 4 px gap
         assert figure.size == (max(3 * photo.width + 8, 3 * 96 + 8), height)
+    compared = evaluate.results_figure(pairs[1:], tiny_checkpoint, tmp_path / "two.png",
+                                       Config(), compare=(tiny_checkpoint,))  # fmt: skip
+    with Image.open(compared) as figure:  # RGB | model | compared model | real TIR
+        assert figure.size == (4 * 96 + 12, 64)
+        cells = np.asarray(figure.convert("L"))
+        assert np.array_equal(cells[:, 100:196], cells[:, 200:296])  # the same model twice
     with pytest.raises(ValueError, match="not a registered pair"):
         evaluate.results_figure([(str(rgb), f"{tmp_path}/tir.mp4#frame=0")], tiny_checkpoint,
                                 tmp_path / "bad.png", Config())  # fmt: skip

@@ -502,11 +502,18 @@ def evaluate(overrides, **flags) -> None:
     help="A registered pair (repeatable); a video frame is `clip.mp4#frame=N`.",
 )
 @checkpoint_option
+@click.option(
+    "--compare",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Another model: one more generated column, after the first (repeatable).",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
 @click.option("--long-side", type=click.IntRange(min=1), help="Override the working scale.")
-def figure(pairs, checkpoint, out, long_side) -> None:
+def figure(pairs, checkpoint, compare, out, long_side) -> None:
     """RGB | generated TIR | real TIR of registered pairs, each at its own resolution, as
-    one PNG (the README's results figure is made so: `make figure`).
+    one PNG (the README's results figure is made so: `make figure`); with --compare, one
+    generated column per model.
 
     \b
     Example:
@@ -520,7 +527,7 @@ def figure(pairs, checkpoint, out, long_side) -> None:
     with user_errors():
         cfg = EvaluateConfig(long_side=long_side)
         path = evaluate_stage.results_figure(
-            list(pairs), resolve_checkpoint(checkpoint), Path(out), cfg
+            list(pairs), resolve_checkpoint(checkpoint), Path(out), cfg, tuple(map(Path, compare))
         )
     click.echo(f"wrote {path}")
 

@@ -289,19 +289,26 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 
 def results_figure(
-    pairs: list[tuple[str, str]], checkpoint: Path, out: Path, cfg: EvaluateConfig
+    pairs: list[tuple[str, str]],
+    checkpoint: Path,
+    out: Path,
+    cfg: EvaluateConfig,
+    compare: tuple[Path, ...] = (),
 ) -> Path:
     """One PNG: a row per registered pair, RGB | generated TIR | real TIR, each at the
-    pair's own resolution (rows taller than 480 pixels are scaled down to 480). A path may
-    name a video frame (`clip.mp4#frame=N`, frames counted from 0)."""
-    translate = translator(describe_checkpoint(checkpoint.stem, checkpoint), cfg)
+    pair's own resolution (rows taller than 480 pixels are scaled down to 480); each model
+    of `compare` adds a generated column after the first, in order. A path may name a
+    video frame (`clip.mp4#frame=N`, frames counted from 0)."""
+    translators = [
+        translator(describe_checkpoint(path.stem, path), cfg) for path in (checkpoint, *compare)
+    ]
     rows = []
     for rgb_path, tir_path in pairs:
         rgb = _read_image(rgb_path, "rgb").convert("RGB")
         real = np.asarray(_read_image(tir_path, "tir").convert("L"))
         if real.shape != (rgb.height, rgb.width):
             raise ValueError(f"{rgb_path} and {tir_path} differ in size: not a registered pair")
-        rows.append([np.asarray(rgb), translate([rgb])[0], real])
+        rows.append([np.asarray(rgb), *(translate([rgb])[0] for translate in translators), real])
     return quality.write_image_grid(rows, out, height=None)
 
 
