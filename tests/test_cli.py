@@ -368,3 +368,22 @@ def test_an_output_below_a_regular_file_is_one_line(tmp_path, tiny_checkpoint, r
         assert result.exit_code == 1, result.output
         assert "Not a directory" in result.output and "Traceback" not in result.output, args
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_temporal_reports_every_checkpoint_even_with_one_file_name(tmp_path, tiny_checkpoint):
+    """Two runs' step_N.pt are two models: each gets its own line, named by its run."""
+    import shutil
+
+    from conftest import write_video
+
+    write_video(tmp_path / "rgb.mp4", 4)
+    write_video(tmp_path / "tir.mp4", 4, offset=5)
+    paths = []
+    for run in ("runA", "runB"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        paths.append(shutil.copy(tiny_checkpoint, tmp_path / run / "checkpoints" / "step_9.pt"))
+    args = ["bench", "temporal", str(tmp_path / "rgb.mp4"), str(tmp_path / "tir.mp4")]
+    result = CliRunner().invoke(cli, [*args, "--checkpoint", paths[0], "--checkpoint", paths[1]])
+    assert result.exit_code == 0, result.output
+    lines = [line.split(":")[0] for line in result.output.splitlines() if "flicker ratio" in line]
+    assert lines == ["runA", "runB", "rgb-luma"], result.output

@@ -841,8 +841,8 @@ def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precisi
     paths = [Path(c) for c in checkpoints] or [BUILTIN]
     with user_errors():
         translators = {
-            path.stem: evaluate.translator(evaluate.describe_checkpoint(path.stem, path), cfg)
-            for path in paths
+            name: evaluate.translator(evaluate.describe_checkpoint(name, path), cfg)
+            for name, path in zip(evaluate.checkpoint_names(paths), paths, strict=True)
         }
         translators["rgb-luma"] = evaluate.translator({"kind": "baseline", "name": "rgb-luma"}, cfg)
         result = temporal.bench_temporal(rgb_video, tir_video, translators, limit=frames)

@@ -71,7 +71,7 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     if not rows:
         raise ValueError(f"{data}: no samples in split {cfg.split!r}")
     checkpoints = [inference.resolve_checkpoint(cfg.checkpoint), *map(Path, cfg.compare)]
-    names = list(cfg.names) or _unique_names(checkpoints)
+    names = list(cfg.names) or checkpoint_names(checkpoints)
     models = [
         describe_checkpoint(name, path) for name, path in zip(names, checkpoints, strict=True)
     ]
@@ -280,8 +280,9 @@ def describe_checkpoint(name: str, path: Path) -> dict[str, Any]:
     }
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    # runs/NAME/checkpoints/best.pt -> NAME; otherwise the file stem.
+def checkpoint_names(paths: list[Path]) -> list[str]:
+    """A distinct display name per checkpoint: runs/NAME/checkpoints/X.pt -> NAME, else the
+    file stem; numbered where two would collide."""
     names = [p.parent.parent.name if p.parent.name == "checkpoints" else p.stem for p in paths]
     if len(set(names)) == len(names):
         return names
