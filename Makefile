@@ -27,16 +27,19 @@ chromium:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
 		|| echo "chromium is not installed: the report rendering test will be skipped"
 
-# The README's figure: held-out pairs (two built-in sample pairs the built-in model never
-# saw, an M3SVD frame from ../shared/data) at their own resolution.
+# The README's figures: held-out pairs (two built-in sample pairs the built-in model never
+# saw, a frame of the M3SVD clip kept out of its training) at their own resolution; with
+# OLD_MODEL set (a file), also the built-in model beside the one it replaced.
 SAMPLE := tirsynth/sample/roadscene
 M3SVD := ../shared/data/m3svd
 FIGURE_MODEL ?= tirsynth/builtin/sparse_plus_half.safetensors
+FIGURE_PAIRS = --pair $(SAMPLE)/crop_LR_visible/FLIR_03801.jpg $(SAMPLE)/cropinfrared/FLIR_03801.jpg \
+	--pair $(SAMPLE)/crop_LR_visible/FLIR_06506.jpg $(SAMPLE)/cropinfrared/FLIR_06506.jpg \
+	--pair "$(M3SVD)/visible/1230_1202.mp4\#frame=100" "$(M3SVD)/infrared/1230_1202.mp4\#frame=100"
 figure: $(BIN)/tirsynth
-	$(BIN)/tirsynth figure --out docs/results.png --checkpoint $(FIGURE_MODEL) \
-		--pair $(SAMPLE)/crop_LR_visible/FLIR_03801.jpg $(SAMPLE)/cropinfrared/FLIR_03801.jpg \
-		--pair $(SAMPLE)/crop_LR_visible/FLIR_06506.jpg $(SAMPLE)/cropinfrared/FLIR_06506.jpg \
-		--pair "$(M3SVD)/visible/0113_1714.mp4#frame=300" "$(M3SVD)/infrared/0113_1714.mp4#frame=300"
+	$(BIN)/tirsynth figure --out docs/results.png --checkpoint $(FIGURE_MODEL) $(FIGURE_PAIRS)
+	$(if $(OLD_MODEL),$(BIN)/tirsynth figure --out docs/builtin-old-new.png \
+		--checkpoint $(OLD_MODEL) --compare $(FIGURE_MODEL) $(FIGURE_PAIRS))
 
 bench: $(BIN)/tirsynth
 	$(BIN)/tirsynth bench ingest ../shared/data/roadscene ../shared/data/llvip \

@@ -83,16 +83,19 @@ def test_builtin_model_is_small_and_holds_the_recipe():
     assert config["model"]["skips"] == "sparse" and config["model"]["out_channels"] == 3
     assert config["loss"]["gradient_of"] == "derivatives"
     assert config["train"]["ema_power"] == 3.0
+    # the working scale, and trained last on whole frames at it (docs/model.md)
+    assert config["data"]["long_side"] == 512 == config["data"]["image_size"]
 
 
 def test_builtin_model_beats_rgb_luma_on_the_held_out_sample_pairs():
     generator, state = load_generator(BUILTIN)
-    size = state["config"]["data"]["image_size"]
+    data = state["config"]["data"]
+    size, long_side = data["image_size"], data.get("long_side")
     model, luma = [], []
     for stem in HELD_OUT:
         rgb = Image.open(SAMPLE / "crop_LR_visible" / f"{stem}.jpg").convert("RGB")
         real = np.array(Image.open(SAMPLE / "cropinfrared" / f"{stem}.jpg").convert("L"))
-        (output,) = quality.translate_pairs(generator, [{"rgb": rgb}], size)
+        (output,) = quality.translate_pairs(generator, [{"rgb": rgb}], size, long_side=long_side)
         model.append(quality.score(real, output)["ssim"])
         luma.append(quality.score(real, evaluate._luma(np.asarray(rgb)))["ssim"])
     assert np.mean(model) > np.mean(luma) + 0.03, (model, luma)
