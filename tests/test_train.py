@@ -151,6 +151,25 @@ def test_power_ema_weights_later_steps_more(learnable_shards, tmp_path):
         assert torch.allclose(tensor.float(), again[name].float(), atol=1e-6), name
 
 
+def test_average_from_restarts_the_average_on_resume(learnable_shards, tmp_path):
+    """train.average_from=N: steps up to N are left out of the average. Resuming a run at
+    N with it set restarts the average there: one step later it is a copy of G; without it
+    the average still carries the earlier steps."""
+    first = tiny_cfg("train.max_steps=6", "train.epochs=100", "train.ema_power=3")
+    for name, average_from in (("restart", 6), ("carry", 0)):
+        train.run(first, learnable_shards, tmp_path / name, progress=False)
+        more = tiny_cfg("train.max_steps=7", "train.epochs=100", "train.ema_power=3",
+                        f"train.average_from={average_from}")  # fmt: skip
+        state = load_checkpoint(
+            train.run(more, learnable_shards, tmp_path / name, resume=True, progress=False)
+            .checkpoint  # fmt: skip
+        )
+        same = all(
+            torch.equal(v, state["generator"][k]) for k, v in state["generator_ema"].items()
+        )
+        assert same == (average_from == 6), name
+
+
 def test_power_ema_is_a_power_weighted_average():
     gen = build_generator(tiny_cfg().model)
     ema = train.power_ema(gen, 0.0)  # gamma 0: the plain mean of every step's weights

@@ -179,6 +179,9 @@ class LoopConfig:
     # G's weights averaged with step k weighted by k**ema_power (a power-function EMA);
     # generate and evaluate use the average. None: off (the paper).
     ema_power: float | None = None
+    # Steps up to this one are left out of the average (0: none); resuming a run past it
+    # restarts the average there, e.g. where it switches to whole frames (docs/model.md).
+    average_from: int = 0
     lr_decay_from: float = 1.0  # fraction of the run after which lr falls linearly to 0
     val_every: int = 1  # epochs between validations (each also writes latest.pt and a grid)
     checkpoint_every: int = 0  # also keep step_N.pt (and update latest.pt) every N steps

@@ -209,7 +209,7 @@ def train_worker(
     scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16")
     autocast = autocast_context(device, loop.precision)
     ema = power_ema(gen, loop.ema_power) if loop.ema_power is not None and rank == 0 else None
-    trainees = Trainees(gen, disc, opt_g, opt_d, scaler, ema)
+    trainees = Trainees(gen, disc, opt_g, opt_d, scaler, ema, loop.average_from)
 
     # 3. Resume, or measure the real-TIR statistics that generation reports compare against.
     step, best_ssim, last_val, tir_stats = 0, -math.inf, {}, None
@@ -250,8 +250,8 @@ def train_worker(
             window_steps += 1
             if not all(math.isfinite(v) for v in losses.values()):
                 raise TrainingDiverged(_divergence_message(step, losses, out))
-            if ema is not None:
-                ema.update_parameters(_unwrap(gen))
+            if ema is not None and step > loop.average_from:
+                ema.update_parameters(_unwrap(gen))  # its first update copies G
             if rank == 0 and (step % loop.log_every == 0 or step == total_steps):
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * loop.batch_size * world / elapsed
@@ -475,6 +475,7 @@ class Trainees:
     opt_d: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
+    average_from: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -500,7 +501,8 @@ class Trainees:
             self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and "generator_ema" in saved:
             self.ema.module.load_state_dict(saved["generator_ema"])
-            self.ema.n_averaged.fill_(saved["step"])
+            # Past `average_from` nothing older counts: at 0 updates the next one copies G.
+            self.ema.n_averaged.fill_(max(0, saved["step"] - self.average_from))
 
 
 def checkpoint_state(
