@@ -150,3 +150,32 @@ def test_csv_of_video_pairs_ingests_frames_at_the_stride_each_clip_in_one_split(
     }
     assert len({row["split"] for row in index if row["clip"] == "rgb/b"}) == 1
     assert [r["reason"] for r in result.rejects] == ["frame-count mismatch: RGB 5 frames, TIR 4"]
+
+
+def test_csv_frame_range_keeps_part_of_a_clip_and_rejects_a_bad_range(tmp_path):
+    root = tmp_path / "ranges"
+    write_video(root / "rgb" / "a.mp4", 10)
+    write_video(root / "ir" / "a.mp4", 10, offset=5)
+    table = root / "pairs.csv"
+    table.write_text(
+        "rgb,tir,key,split,first_frame,last_frame\n"
+        "rgb/a.mp4,ir/a.mp4,clear,train,5,\n"  # the part without smoke, to the end
+        "rgb/a.mp4,ir/a.mp4,smoke,test,0,3\n"  # scored apart
+        "rgb/a.mp4,ir/a.mp4,late,test,8,12\n"  # past the clip's 10 frames
+        "rgb/a.mp4,ir/a.mp4,odd,test,x,\n"
+        "rgb/a.mp4,ir/a.mp4,back,test,4,2\n"
+    )
+    out = tmp_path / "data"
+    result = ingest.run(IngestConfig(sources=(str(table),), out=str(out), frame_stride=2))
+    index = shards.read_index(out)
+    frames = sorted((row["clip"], int(row["frame"]), row["split"]) for row in index)
+    assert frames == [
+        ("clear", 5, "train"), ("clear", 7, "train"), ("clear", 9, "train"),
+        ("smoke", 0, "test"), ("smoke", 2, "test"),
+    ]  # fmt: skip
+    reasons = sorted(r["reason"] for r in result.rejects)
+    assert reasons == [
+        "CSV line 5: first_frame 'x' is not a frame number (0, 1, ...)",
+        "CSV line 6: last_frame 2 is before first_frame 4",
+        "frame range 8-12 is outside the clip's 10 frames",
+    ]

@@ -257,10 +257,12 @@ def video_pair_frames(
     stride: int,
     split: str | None = None,
     daynight: str | None = None,
+    frames: tuple[int, int | None] = (0, None),
 ) -> tuple[list[PairSource], Reject | None]:
-    """Every `stride`-th frame of a registered RGB/TIR clip pair from frame 0, or the
-    reason the pair cannot be used (a video that does not open, frame counts that
-    differ: such clips cannot be registered frame by frame)."""
+    """Every `stride`-th frame of a registered RGB/TIR clip pair from frame `frames[0]` to
+    `frames[1]` (inclusive; None: the last), or the reason the pair cannot be used (a
+    video that does not open, frame counts that differ: such clips cannot be registered
+    frame by frame; a range outside the clip)."""
     key = make_key(dataset, clip)
     try:
         counts = video.frame_count(rgb), video.frame_count(tir)
@@ -268,6 +270,11 @@ def video_pair_frames(
         return [], Reject(dataset, str(error), key, rgb, tir)
     if counts[0] != counts[1]:
         reason = f"frame-count mismatch: RGB {counts[0]} frames, TIR {counts[1]}"
+        return [], Reject(dataset, reason, key, rgb, tir)
+    first, last = frames
+    last = counts[0] - 1 if last is None else last
+    if not first <= last < counts[0]:
+        reason = f"frame range {first}-{last} is outside the clip's {counts[0]} frames"
         return [], Reject(dataset, reason, key, rgb, tir)
     pairs = [
         PairSource(
@@ -281,7 +288,7 @@ def video_pair_frames(
             clip=clip,
             frame=number,
         )
-        for number in range(0, counts[0], stride)
+        for number in range(first, last + 1, stride)
     ]
     return pairs, None
 
@@ -298,7 +305,9 @@ def read_pair_csv(
     """A CSV with columns rgb,tir (relative to the CSV's folder) and optional
     key, dataset, split, daynight. A row that names two videos is a registered clip pair:
     every `frame_stride`-th frame becomes a pair, all in the row's split (or, without one,
-    in one split chosen for the clip); its clip is the row's key, else the RGB path."""
+    in one split chosen for the clip); its clip is the row's key, else the RGB path.
+    Optional first_frame and last_frame (inclusive) keep a part of a clip, e.g. the frames
+    without smoke: the RGB camera must see what the TIR camera sees."""
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if rows and not {"rgb", "tir"} <= rows[0].keys():
@@ -319,9 +328,14 @@ def read_pair_csv(
         rel = os.path.splitext(row["rgb"].replace("\\", "/"))[0]
         if video.is_video(rgb) and video.is_video(tir):
             clip = row.get("key") or rel
+            try:
+                frames = _frame_range(row)
+            except ValueError as error:
+                rejects.append(Reject(name, f"CSV line {line}: {error}", None, rgb, tir))
+                continue
             found, reject = video_pair_frames(name, clip, rgb, tir, frame_stride,
                                               row.get("split") or None,
-                                              row.get("daynight") or None)  # fmt: skip
+                                              row.get("daynight") or None, frames)  # fmt: skip
             pairs += found
             rejects += [reject] if reject else []
             continue
@@ -333,6 +347,20 @@ def read_pair_csv(
             )
         )
     return pairs, rejects
+
+
+def _frame_range(row: dict[str, str]) -> tuple[int, int | None]:
+    """A CSV row's first_frame and last_frame (inclusive); (0, None) for the whole clip."""
+    bounds = []
+    for column in ("first_frame", "last_frame"):
+        text = (row.get(column) or "").strip()
+        if text and not text.isdigit():
+            raise ValueError(f"{column} {text!r} is not a frame number (0, 1, ...)")
+        bounds.append(int(text) if text else None)
+    first, last = bounds[0] or 0, bounds[1]
+    if last is not None and last < first:
+        raise ValueError(f"last_frame {last} is before first_frame {first}")
+    return first, last
 
 
 def read_annotation(path: str) -> dict:
