@@ -7,7 +7,12 @@ from torch import nn
 
 from tirsynth.cli import cli
 from tirsynth.config import ModelConfig, TrainConfig, load_config
-from tirsynth.models import build_discriminator, build_generator, count_parameters
+from tirsynth.models import (
+    PatchDiscriminator,
+    build_discriminator,
+    build_generator,
+    count_parameters,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 TRAIN_CONFIGS = [p for p in CONFIGS if p.name != "ingest.yaml"]
@@ -179,3 +184,24 @@ def test_input_skip_lets_g_copy_single_pixel_detail():
         losses[input_skip] = loss.item()
     assert losses[True] < 0.7 * losses[False], losses  # about 0.55 over seeds 0..3
     assert "head.1.weight" in build_generator(ModelConfig(ngf=8, input_skip=True)).state_dict()
+
+
+def test_multiscale_discriminator_judges_the_pair_at_halving_resolutions():
+    """model.disc_scales=3: three PatchGANs, the second and third on the pair average-pooled
+    to 1/2 and 1/4; one scale stays the bare PatchGAN (its checkpoints load unchanged)."""
+    assert isinstance(build_discriminator(ModelConfig(ndf=8)), PatchDiscriminator)
+    disc = build_discriminator(ModelConfig(ndf=8, disc_scales=3)).eval()
+    rgb, tir = torch.randn(2, 3, 128, 96), torch.randn(2, 1, 128, 96)
+    logits = disc(rgb, tir)
+    assert [tuple(x.shape) for x in logits] == [(2, 1, 14, 10), (2, 1, 6, 4), (2, 1, 2, 1)]
+    half = torch.nn.functional.avg_pool2d
+    with torch.no_grad():
+        quarter = [half(half(x, 3, 2, 1, count_include_pad=False), 3, 2, 1, count_include_pad=False)
+                   for x in (rgb, tir)]  # fmt: skip
+        assert torch.allclose(disc.scales[2](*quarter), logits[2], atol=1e-6)
+        assert torch.allclose(disc.scales[0](rgb, tir), logits[0], atol=1e-6)
+    again, features = disc(rgb, tir, features=True)
+    assert all(torch.equal(a, b) for a, b in zip(again, logits, strict=True))
+    assert len(features) == 3 * (ModelConfig().disc_layers + 1)
+    with pytest.raises(ValueError, match="disc_scales"):
+        ModelConfig(disc_scales=0)

@@ -12,6 +12,7 @@ from tirsynth.checkpoint import load_checkpoint, load_generator, save_checkpoint
 from tirsynth.cli import cli
 from tirsynth.config import TrainConfig, load_config
 from tirsynth.data import PairDataset
+from tirsynth.losses import adversarial_loss
 from tirsynth.inference import iter_pairs
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import validate
@@ -128,6 +129,32 @@ def test_spectral_d_and_d_augment_train_with_finite_losses(learnable_shards):
     )  # fmt: skip
     assert all(math.isfinite(v) for v in losses.values()) and losses["g_feature_matching"] > 0
     assert any(not torch.equal(b, p) for b, p in zip(before, disc.parameters(), strict=True))
+
+
+def test_multiscale_d_trains_every_scale_and_averages_their_gan_losses(learnable_shards, tmp_path):
+    """model.disc_scales=2 (pix2pixHD): a step updates both PatchGANs; G's GAN term is the
+    mean of the scales' losses, so loss.gan keeps its weight; bf16 training runs and its
+    checkpoint holds both scales."""
+    cfg = tiny_cfg("model.disc_scales=2", "loss.gan_mode=lsgan", "loss.feature_matching=10")
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
+                                                  batch_size=3)))  # fmt: skip
+    before = [[p.detach().clone() for p in scale.parameters()] for scale in disc.scales]
+    losses = train.train_step(
+        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
+        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
+        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+    )  # fmt: skip
+    assert all(math.isfinite(v) for v in losses.values()) and losses["g_feature_matching"] > 0
+    for old, scale in zip(before, disc.scales, strict=True):
+        assert any(not torch.equal(b, p) for b, p in zip(old, scale.parameters(), strict=True))
+    maps = [torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 2, 2)]
+    assert adversarial_loss(maps, True, "lsgan").item() == pytest.approx(0.5)
+    run = train.run(tiny_cfg("model.disc_scales=2", "train.precision=bf16", "train.max_steps=2"),
+                    learnable_shards, tmp_path / "ms", progress=False)  # fmt: skip
+    saved = load_checkpoint(run.checkpoint)["discriminator"]
+    assert any(k.startswith("scales.1.") for k in saved)
+    assert all(math.isfinite(r["d"]) for r in stats(tmp_path / "ms", "train"))
 
 
 def test_power_ema_weights_later_steps_more(learnable_shards, tmp_path):

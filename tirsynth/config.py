@@ -74,6 +74,9 @@ class ModelConfig:
     dropout: float = 0.5  # in the three decoder layers after the innermost
     disc_layers: int = 3  # 3: the 70x70 PatchGAN
     disc_norm: Literal["batch", "spectral"] = "batch"  # spectral: SN convs, no BatchNorm
+    # PatchGANs on the pair at full, 1/2, 1/4 ... resolution (pix2pixHD's multi-scale D):
+    # the coarser ones judge whole objects, which one 70x70 window cannot see.
+    disc_scales: int = 1
     # G's decoder: transposed convs (the paper) or resize + conv (no checkerboard artefacts)
     upsample: Literal["transpose", "resize"] = "transpose"
     input_skip: bool = False  # the input RGB joins a full-resolution output head (level 0)
@@ -82,6 +85,8 @@ class ModelConfig:
         check_literals(self)
         if isinstance(self.skips, str) and self.skips not in (*NAMED_SKIPS, "sparse", "dense"):
             raise ValueError(f"skips={self.skips!r} is not sparse, dense, low, high or a list")
+        if self.disc_scales < 1:
+            raise ValueError(f"model.disc_scales must be >= 1, got {self.disc_scales}")
 
     def resolved_skips(self) -> tuple[int, ...]:
         """Encoder levels with a skip: `dense` is every level 1..depth-1, `sparse` every odd

@@ -15,12 +15,19 @@ GanMode = Literal["vanilla", "lsgan"]
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
-def adversarial_loss(logits: torch.Tensor, real: bool, mode: GanMode = "vanilla") -> torch.Tensor:
+Logits = torch.Tensor | list[torch.Tensor]  # one PatchGAN's map, or one per scale
+
+
+def adversarial_loss(logits: Logits, real: bool, mode: GanMode = "vanilla") -> torch.Tensor:
     """GAN loss of discriminator logits against an all-real or all-fake target.
 
     vanilla: binary cross-entropy on logits; used for G with `real=True` it is the
-    non-saturating loss, -log D(x, G(x)). lsgan: least squares.
+    non-saturating loss, -log D(x, G(x)). lsgan: least squares. A multi-scale D's maps
+    count equally, averaged, so that loss.gan keeps its weight against the other terms.
     """
+    if isinstance(logits, list):
+        return sum(adversarial_loss(x, real, mode) for x in logits) / len(logits)
+    logits = logits.float()  # D may have run under bf16 autocast; the loss is in fp32
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
     if mode == "vanilla":
         return F.binary_cross_entropy_with_logits(logits, target)
@@ -59,7 +66,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def generator_loss(
-    fake_logits: torch.Tensor | None, real: torch.Tensor, fake: torch.Tensor, cfg: LossConfig
+    fake_logits: Logits | None, real: torch.Tensor, fake: torch.Tensor, cfg: LossConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """G's objective (Eq. 7): gan + l1 * L1 + gradient * L1(GRA) + intensity * L1(I).
 
@@ -96,7 +103,7 @@ def generator_loss(
 
 
 def discriminator_loss(
-    real_logits: torch.Tensor, fake_logits: torch.Tensor, mode: GanMode = "vanilla"
+    real_logits: Logits, fake_logits: Logits, mode: GanMode = "vanilla"
 ) -> torch.Tensor:
     """D's loss: half the sum of its losses on real and on fake pairs (as pix2pix)."""
     return 0.5 * (

@@ -412,8 +412,8 @@ def train_step(
     _set_requires_grad(disc, True)
     opt_d.zero_grad(set_to_none=True)
     with autocast():
-        real_logits = disc(*augment_pairs(cond, real, policy)).float()
-        fake_logits = disc(*augment_pairs(cond, fake.detach(), policy)).float()
+        real_logits = disc(*augment_pairs(cond, real, policy))
+        fake_logits = disc(*augment_pairs(cond, fake.detach(), policy))
     loss_d = discriminator_loss(real_logits, fake_logits, loss_cfg.gan_mode)
     scaler.scale(loss_d).backward()
     scaler.step(opt_d)
@@ -431,7 +431,6 @@ def train_step(
                 _, real_features = _unwrap(disc)(*real_pair, features=True)
             fake_pair = augment_pairs(cond, fake, policy, seed)
             fake_logits, fake_features = _unwrap(disc)(*fake_pair, features=True)
-        fake_logits = fake_logits.float()
         matching = (
             loss_cfg.feature_matching
             * sum(
@@ -442,7 +441,7 @@ def train_step(
         )
     elif loss_cfg.gan:
         with autocast():
-            fake_logits = _unwrap(disc)(*augment_pairs(cond, fake, policy)).float()
+            fake_logits = _unwrap(disc)(*augment_pairs(cond, fake, policy))
 
     # 3. G on the non-saturating GAN loss plus the L1, gradient and intensity terms (Eq. 7).
     loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg)

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from tirsynth.config import ModelConfig
-from tirsynth.models.patchgan import PatchDiscriminator
+from tirsynth.models.patchgan import MultiScaleDiscriminator, PatchDiscriminator
 from tirsynth.models.unet import SPARSE_SKIPS, UNetGenerator
 
 __all__ = [
     "SPARSE_SKIPS",
+    "MultiScaleDiscriminator",
     "PatchDiscriminator",
     "UNetGenerator",
     "build_discriminator",
@@ -34,13 +35,18 @@ def build_generator(cfg: ModelConfig) -> UNetGenerator:
     )
 
 
-def build_discriminator(cfg: ModelConfig) -> PatchDiscriminator:
-    return PatchDiscriminator(
+def build_discriminator(cfg: ModelConfig) -> PatchDiscriminator | MultiScaleDiscriminator:
+    """The conditional PatchGAN of `cfg`; with model.disc_scales > 1, that many of them at
+    halving resolutions (one scale is the bare PatchGAN, as the paper and older checkpoints)."""
+    patch_args = dict(
         in_channels=cfg.in_channels + cfg.out_channels,
         base_channels=cfg.ndf,
         num_layers=cfg.disc_layers,
         norm=cfg.disc_norm,
     )
+    if cfg.disc_scales == 1:
+        return PatchDiscriminator(**patch_args)
+    return MultiScaleDiscriminator(cfg.disc_scales, **patch_args)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,8 +1,10 @@
-"""70x70 conditional PatchGAN discriminator (paper Sec. III-B, Fig. 3; pix2pix `basic`)."""
+"""70x70 conditional PatchGAN discriminator (paper Sec. III-B, Fig. 3; pix2pix `basic`),
+and pix2pixHD's multi-scale set of them."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tirsynth.models.unet import init_pix2pix
@@ -66,3 +68,27 @@ class PatchDiscriminator(nn.Module):
             if isinstance(layer, nn.LeakyReLU):
                 found.append(x)
         return x, found
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """PatchGANs of the same design on the pair at full resolution, then halved each time
+    by a 3x3 average pool (pix2pixHD, Wang et al. 2018): at 1/4 a 70x70 window covers
+    280x280 input pixels, a whole car rather than a piece of one.
+
+    Returns a list of logit maps, finest first; with `features`, also every scale's
+    activations in one list (feature matching over all of them, as pix2pixHD).
+    """
+
+    def __init__(self, scales: int, **patch_args):
+        super().__init__()
+        self.scales = nn.ModuleList(PatchDiscriminator(**patch_args) for _ in range(scales))
+
+    def forward(self, cond: torch.Tensor, tir: torch.Tensor, features: bool = False):
+        logits, found = [], []
+        for n, disc in enumerate(self.scales):
+            if n:
+                cond, tir = (F.avg_pool2d(x, 3, 2, 1, count_include_pad=False) for x in (cond, tir))
+            out = disc(cond, tir, features)
+            logits.append(out[0] if features else out)
+            found += out[1] if features else []
+        return (logits, found) if features else logits
