@@ -86,13 +86,26 @@ def test_three_channel_generator_learns_the_tir_in_every_channel(learnable_shard
     assert abs(losses["g_intensity"] / losses["g_l1"] - 0.3) > 1e-3
 
 
+def first_batch(shards: Path) -> dict:
+    loader = torch.utils.data.DataLoader(PairDataset(shards, image_size=32), batch_size=3)
+    return next(iter(loader))
+
+
+def fp32_step(batch: dict, gen, disc, cfg: TrainConfig) -> dict[str, float]:
+    """One train_step on the CPU in fp32 with fresh Adam optimizers."""
+    return train.train_step(
+        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
+        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
+        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+    )  # fmt: skip
+
+
 def test_feature_matching_pulls_g_towards_ds_view_of_the_real_pair(learnable_shards):
     """loss.feature_matching: L1 between D's activations on the real and the generated
     pair, layer by layer, as a G term; D's own step is unchanged."""
     cfg = tiny_cfg("loss.feature_matching=10")
     gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
-    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
-                                                  batch_size=3)))  # fmt: skip
+    batch = first_batch(learnable_shards)
     rgb, tir = batch["rgb"], batch["tir"]
     logits, features = disc(rgb, tir, features=True)
     assert torch.equal(logits, disc(rgb, tir)) and len(features) == cfg.model.disc_layers + 1
@@ -102,11 +115,7 @@ def test_feature_matching_pulls_g_towards_ds_view_of_the_real_pair(learnable_sha
             for f, r in zip(disc(rgb, gen(rgb), features=True)[1], features, strict=True)
         ) / len(features)  # fmt: skip
     assert expected > 0
-    losses = train.train_step(
-        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
-        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
-        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-    )  # fmt: skip
+    losses = fp32_step(batch, gen, disc, cfg)
     assert math.isfinite(losses["g_feature_matching"]) and losses["g_feature_matching"] > 0
     total = sum(v for k, v in losses.items() if k.startswith("g_"))
     assert losses["g"] == pytest.approx(total, rel=1e-5)
@@ -119,14 +128,9 @@ def test_spectral_d_and_d_augment_train_with_finite_losses(learnable_shards):
     cfg = tiny_cfg("model.disc_norm=spectral", "loss.d_augment=color,translation,cutout",
                    "loss.feature_matching=10")  # fmt: skip
     gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
-    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
-                                                  batch_size=3)))  # fmt: skip
+    batch = first_batch(learnable_shards)
     before = [p.detach().clone() for p in disc.parameters()]
-    losses = train.train_step(
-        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
-        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
-        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-    )  # fmt: skip
+    losses = fp32_step(batch, gen, disc, cfg)
     assert all(math.isfinite(v) for v in losses.values()) and losses["g_feature_matching"] > 0
     assert any(not torch.equal(b, p) for b, p in zip(before, disc.parameters(), strict=True))
 
@@ -137,14 +141,9 @@ def test_multiscale_d_trains_every_scale_and_averages_their_gan_losses(learnable
     checkpoint holds both scales."""
     cfg = tiny_cfg("model.disc_scales=2", "loss.gan_mode=lsgan", "loss.feature_matching=10")
     gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
-    batch = next(iter(torch.utils.data.DataLoader(PairDataset(learnable_shards, image_size=32),
-                                                  batch_size=3)))  # fmt: skip
+    batch = first_batch(learnable_shards)
     before = [[p.detach().clone() for p in scale.parameters()] for scale in disc.scales]
-    losses = train.train_step(
-        batch, gen, disc, torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters()),
-        cfg.loss, train.autocast_context(torch.device("cpu"), "fp32"),
-        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-    )  # fmt: skip
+    losses = fp32_step(batch, gen, disc, cfg)
     assert all(math.isfinite(v) for v in losses.values()) and losses["g_feature_matching"] > 0
     for old, scale in zip(before, disc.scales, strict=True):
         assert any(not torch.equal(b, p) for b, p in zip(old, scale.parameters(), strict=True))
