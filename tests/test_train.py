@@ -12,8 +12,8 @@ from tirsynth.checkpoint import load_checkpoint, load_generator, save_checkpoint
 from tirsynth.cli import cli
 from tirsynth.config import TrainConfig, load_config
 from tirsynth.data import PairDataset
-from tirsynth.losses import adversarial_loss
 from tirsynth.inference import iter_pairs
+from tirsynth.losses import adversarial_loss
 from tirsynth.models import build_discriminator, build_generator
 from tirsynth.quality import validate
 
@@ -186,13 +186,10 @@ def test_average_from_restarts_the_average_on_resume(learnable_shards, tmp_path)
         train.run(first, learnable_shards, tmp_path / name, progress=False)
         more = tiny_cfg("train.max_steps=7", "train.epochs=100", "train.ema_power=3",
                         f"train.average_from={average_from}")  # fmt: skip
-        state = load_checkpoint(
-            train.run(more, learnable_shards, tmp_path / name, resume=True, progress=False)
-            .checkpoint  # fmt: skip
-        )
-        same = all(
-            torch.equal(v, state["generator"][k]) for k, v in state["generator_ema"].items()
-        )
+        resumed = train.run(more, learnable_shards, tmp_path / name, resume=True, progress=False)
+        state = load_checkpoint(resumed.checkpoint)
+        ema, gen = state["generator_ema"], state["generator"]
+        same = all(torch.equal(v, gen[k]) for k, v in ema.items())
         assert same == (average_from == 6), name
 
 
