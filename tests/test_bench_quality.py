@@ -60,3 +60,64 @@ def test_video_adds_m3svd_clips_whole_and_keeps_the_smoke_clips_out(shared_data,
     assert splits == {clip: {split} for clip, split in bench_quality.M3SVD_SPLITS.items()}
     assert {r["daynight"] for r in rows} == {"day"}
     assert len(rows) == sum(-(-n // 10) for n in (560, 407, 590, 205))  # every 10th frame
+
+
+def _bench_result(folder: Path, models: dict[str, tuple[float, float, float, float]]) -> Path:
+    """A quality-seeds*.json as `bench quality` writes it, for `models`: name -> (SSIM,
+    GMSD, edge ratio, LBP distance), the same on every group; two seeds 0.01 apart."""
+
+    def cell(value):
+        return {"mean": value, "spread": 0.01, "values": [value - 0.005, value + 0.005]}
+
+    summary = {"config": {}}
+    for model, (ssim, gmsd, edge, lbp) in models.items():
+        scores = {"ssim": ssim, "psnr": 15.0, "gmsd": gmsd, "edge_ratio": edge, "lbp_distance": lbp}
+        summary[model] = {
+            group: {m: cell(v) for m, v in scores.items()} for group in ("overall", "roadscene")
+        }
+    path = folder / "sparse_plus-proxy" / "quality-seeds0-1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_frontier_marks_the_recipes_no_other_beats_on_ssim_and_detail(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tirsynth.cli import cli
+
+    luma = (0.42, 0.23, 0.9, 0.23)
+    blurry = _bench_result(tmp_path / "blurry", {"model": (0.50, 0.25, 0.3, 0.30),
+                                                  "model-raw": (0.48, 0.26, 0.2, 0.35),
+                                                  "rgb-luma": luma})  # fmt: skip
+    sharp = _bench_result(tmp_path / "sharp", {"model": (0.45, 0.24, 1.6, 0.20),
+                                                "rgb-luma": luma})  # fmt: skip
+    points = {p.label: p for p in bench_quality.frontier_points([blurry, sharp, blurry])}
+    assert list(points) == ["blurry", "blurry raw", "sharp", "RGB luma"]  # each file once
+    # blurry's plain G is worse than its average on SSIM and on every detail measure
+    for detail in bench_quality.DETAIL_COSTS:
+        front = {p.label for p in bench_quality.pareto_front(list(points.values()), detail)}
+        assert "blurry" in front and "blurry raw" not in front, detail
+    # an edge ratio of 1.6 is nearer the real TIR's than 0.3, as 1/1.6 would be
+    edge_front = bench_quality.pareto_front(list(points.values()), "edge_ratio")
+    assert {p.label for p in edge_front} == {"blurry", "sharp", "RGB luma"}
+    assert bench_quality.dominates(points["sharp"], points["RGB luma"], "lbp_distance")
+    assert not bench_quality.dominates(points["RGB luma"], points["sharp"], "gmsd")
+
+    out = tmp_path / "plots" / "frontier.png"
+    result = CliRunner().invoke(
+        cli, ["bench", "frontier", str(blurry), str(sharp), "--group", "roadscene",
+              "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()[2:-1]
+    rows = {line[:34].strip(): line.split()[-1] for line in lines}  # label -> its fronts
+    assert rows == {"blurry": "gel", "blurry raw": "...", "sharp": "gel", "RGB luma": "ge."}
+    assert [line[:34].strip() for line in lines][:2] == ["blurry", "blurry raw"]  # by SSIM
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 2 * image.height
+    missing = CliRunner().invoke(
+        cli, ["bench", "frontier", str(blurry), "--group", "m3svd", "--out", str(out)]
+    )
+    assert missing.exit_code != 0 and "no 'm3svd' scores" in missing.output

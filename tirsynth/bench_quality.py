@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -239,3 +241,117 @@ def _split(dataset: str, stem: str) -> str:
     if fraction < SPLIT[0]:
         return "train"
     return "val" if fraction < SPLIT[0] + SPLIT[1] else "test"
+
+
+# The detail measures each set against SSIM, and each one's cost (lower is better): GMSD and
+# the LBP distance as they are, the edge ratio as its distance from 1 (log: 0.5 as far off
+# as 2).
+DETAIL_COSTS = {
+    "gmsd": lambda value: value,
+    "edge_ratio": lambda value: abs(math.log(value)),
+    "lbp_distance": lambda value: value,
+}
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    label: str
+    scores: dict[str, float]  # ssim and the DETAIL_COSTS measures -> mean over seeds
+    spreads: dict[str, float]  # the same measures -> max - min over seeds
+
+
+def frontier_points(results: list, group: str = "overall") -> list[FrontierPoint]:
+    """The points of `bench quality` result files (quality-seeds*.json): each run's model
+    and plain G ("raw"), labelled by the run's folder (the `--out` of `bench quality`), and
+    RGB luma once."""
+    points, luma = [], None
+    for path in dict.fromkeys(Path(p).resolve() for p in results):  # each file once
+        summary = json.loads(path.read_text())
+        run = path.parent.parent.name
+        for model, suffix in (("model", ""), ("model-raw", " raw")):
+            if model in summary:
+                points.append(_point(run + suffix, summary[model], group))
+        if luma is None and "rgb-luma" in summary:
+            luma = _point("RGB luma", summary["rgb-luma"], group)
+    return points + ([luma] if luma else [])
+
+
+def _point(label: str, groups: dict[str, Any], group: str) -> FrontierPoint:
+    if group not in groups:
+        raise ValueError(f"{label}: no {group!r} scores (it has {sorted(groups)})")
+    measures = ("ssim", *DETAIL_COSTS)
+    cells = groups[group]
+    return FrontierPoint(
+        label, {m: cells[m]["mean"] for m in measures}, {m: cells[m]["spread"] for m in measures}
+    )
+
+
+def dominates(a: FrontierPoint, b: FrontierPoint, detail: str) -> bool:
+    """a is at least as good as b on SSIM and on `detail`, and better on one of them."""
+    cost = DETAIL_COSTS[detail]
+    pairs = [(-a.scores["ssim"], -b.scores["ssim"]),
+             (cost(a.scores[detail]), cost(b.scores[detail]))]  # fmt: skip
+    return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+
+def pareto_front(points: list[FrontierPoint], detail: str) -> list[FrontierPoint]:
+    """The points no other beats on both SSIM and `detail`: between these, only the choice
+    of an operating point (SSIM against detail) decides; the others are simply worse."""
+    return [p for p in points if not any(dominates(q, p, detail) for q in points)]
+
+
+def frontier(results: list, out: str | Path, group: str = "overall") -> Iterator[str]:
+    """A table of the runs' points, best SSIM first, each marked with the SSIM-detail
+    fronts it is on (g: GMSD, e: edge ratio, l: LBP distance), and `out`: SSIM against
+    each detail measure, the fronts in red."""
+    points = frontier_points(results, group)
+    fronts = {detail: pareto_front(points, detail) for detail in DETAIL_COSTS}
+    measures = ("ssim", *DETAIL_COSTS)
+    yield (f"{group}: {len(points)} points; on the SSIM-detail front for g: GMSD, "
+           "e: edge ratio (distance from 1), l: LBP distance; spread in brackets")  # fmt: skip
+    yield f"  {'':<32}" + "".join(f"{m:>19}" for m in measures) + "  front"
+    for point in sorted(points, key=lambda p: -p.scores["ssim"]):
+        cells = "".join(f"{point.scores[m]:>11.3f} ({point.spreads[m]:.3f})" for m in measures)
+        marks = "".join(d[0] if point in front else "." for d, front in fronts.items())
+        yield f"  {point.label:<32}{cells}  {marks}"
+    plot_frontier(points, fronts, Path(out), group)
+    yield f"wrote {out}"
+
+
+def plot_frontier(
+    points: list[FrontierPoint], fronts: dict[str, list[FrontierPoint]], out: Path, group: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(fronts), figsize=(6 * len(fronts), 5.5), dpi=100)
+    for ax, (detail, front) in zip(axes, fronts.items(), strict=True):
+        for point in points:
+            luma = point.label == "RGB luma"
+            ax.errorbar(
+                point.scores["ssim"], point.scores[detail],
+                xerr=point.spreads["ssim"] / 2, yerr=point.spreads[detail] / 2,
+                fmt="*" if luma else "o", color="tab:red" if point in front else "tab:gray",
+                ms=10 if luma else 5, elinewidth=0.6,
+            )  # fmt: skip
+            ax.annotate(point.label, (point.scores["ssim"], point.scores[detail]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")  # fmt: skip
+        line = sorted(front, key=lambda p: p.scores["ssim"])
+        ax.plot([p.scores["ssim"] for p in line], [p.scores[detail] for p in line],
+                color="tab:red", lw=0.8, alpha=0.6)  # fmt: skip
+        if detail == "edge_ratio":
+            ax.axhline(1.0, color="tab:green", lw=1, ls="--", label="as sharp as the real TIR")
+            ax.legend(fontsize=8, loc="upper right")
+        better = "closer to 1" if detail == "edge_ratio" else "lower is better"
+        ax.set(xlabel="SSIM (higher is better)", ylabel=f"{detail} ({better})",
+               title=f"{group}: SSIM against {detail}")  # fmt: skip
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with shards.atomic_output(out) as handle:
+        handle.write(buffer.getvalue())

@@ -761,6 +761,30 @@ def bench_quality(
             bench_echo(line)
 
 
+@bench.command("frontier")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--group", default="overall", show_default=True,
+    help="Test images to compare on: overall, roadscene, llvip, m3svd, day or night.",
+)  # fmt: skip
+@click.option("--out", default="frontier.png", show_default=True, type=click.Path())
+def bench_frontier(results, group, out) -> None:
+    """Compare recipes on the SSIM-detail trade-off: the points of `bench quality` result
+    files (RESULTS: each run's quality-seeds*.json), the ones no other beats on every
+    measure (SSIM, GMSD, edge ratio, LBP distance) marked, and a plot of SSIM against
+    GMSD and the edge ratio.
+
+    \b
+    Example:
+      tirsynth bench frontier runs/bq/*/sparse_plus-proxy/quality-seeds0-1.json
+    """
+    from tirsynth import bench_quality as quality_bench
+
+    with user_errors():
+        for line in quality_bench.frontier(list(results), out, group):
+            bench_echo(line)
+
+
 @bench.command("generate")
 @click.option(
     "--input",
