@@ -303,7 +303,7 @@ def pareto_front(points: list[FrontierPoint], detail: str) -> list[FrontierPoint
 def frontier(results: list, out: str | Path, group: str = "overall") -> Iterator[str]:
     """A table of the runs' points, best SSIM first, each marked with the SSIM-detail
     fronts it is on (g: GMSD, e: edge ratio, l: LBP distance), and `out`: SSIM against
-    each detail measure, the fronts in red."""
+    each detail measure, the fronts in red and labelled."""
     points = frontier_points(results, group)
     fronts = {detail: pareto_front(points, detail) for detail in DETAIL_COSTS}
     measures = ("ssim", *DETAIL_COSTS)
@@ -336,8 +336,9 @@ def plot_frontier(
                 fmt="*" if luma else "o", color="tab:red" if point in front else "tab:gray",
                 ms=10 if luma else 5, elinewidth=0.6,
             )  # fmt: skip
-            ax.annotate(point.label, (point.scores["ssim"], point.scores[detail]),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")  # fmt: skip
+            if point in front:  # the others are in the table; their labels would crowd
+                ax.annotate(point.label, (point.scores["ssim"], point.scores[detail]),
+                            fontsize=7, xytext=(3, 2), textcoords="offset points")  # fmt: skip
         line = sorted(front, key=lambda p: p.scores["ssim"])
         ax.plot([p.scores["ssim"] for p in line], [p.scores[detail] for p in line],
                 color="tab:red", lw=0.8, alpha=0.6)  # fmt: skip
