@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tirsynth import bench_quality, shards
@@ -49,6 +50,13 @@ def test_quality_bench_on_the_shared_pairs(shared_data, tmp_path):
     assert "overall" in "\n".join(lines) and "llvip" in "\n".join(lines)
     again = list(bench_quality.run(bench, progress=False))
     assert again == lines
+    # a larger budget in the same folder trains on and scores its own last snapshots,
+    # not the cached figures of the shorter run
+    list(bench_quality.run(replace(bench, steps=12, seeds=1), progress=False))
+    scores = json.loads((seed0 / "scores.json").read_text())
+    assert scores["snapshots"] == ["step_00000008.pt", "step_00000012.pt"]
+    per_image = shards.read_table(seed0 / "evaluation" / "evaluation.parquet")
+    assert {"model-step_00000008", "model-step_00000012"} <= {r["model"] for r in per_image}
 
 
 def test_video_adds_m3svd_clips_whole_and_keeps_the_smoke_clips_out(shared_data, tmp_path):

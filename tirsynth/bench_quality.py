@@ -141,16 +141,19 @@ def train_and_score(
 ) -> dict[str, dict[str, float]]:
     """{model: {group: {metric: value}}} for the model (mean of its last snapshots) and the
     luma baselines (scored here unless `baselines` already holds them: they have no seed)."""
+    latest = run_dir / train.CHECKPOINTS / train.LATEST
+    done = latest.exists() and train.load_checkpoint(latest)["step"] >= cfg.train.max_steps
+    if not done:  # a new seed, a killed one, or one asked for more --steps than it ran
+        train.run(cfg, data, run_dir, resume=latest.exists(), progress=progress)
+    snapshots = sorted((run_dir / train.CHECKPOINTS).glob("step_*.pt"))[-last:]
     scores = run_dir / "scores.json"
     if scores.exists():
         cached = json.loads(scores.read_text())
-        if all(m in cached["model"]["overall"] for m in METRICS):
-            return cached  # else scored before a metric existed: score the snapshots again
-    latest = run_dir / train.CHECKPOINTS / train.LATEST
-    done = latest.exists() and train.load_checkpoint(latest)["step"] >= cfg.train.max_steps
-    if not done:
-        train.run(cfg, data, run_dir, resume=latest.exists(), progress=progress)
-    snapshots = sorted((run_dir / train.CHECKPOINTS).glob("step_*.pt"))[-last:]
+        scored = cached.pop("snapshots", None)
+        if scored == [p.name for p in snapshots] and all(
+            m in cached["model"]["overall"] for m in METRICS
+        ):
+            return cached  # else other snapshots, or a metric added since: score again
     evaluated = {"model": snapshots}
     if cfg.train.ema_power is not None:
         # The same run's G without the average: the paper's model, trained on the same
@@ -175,7 +178,7 @@ def train_and_score(
     }
     for baseline in evaluate.BASELINES:
         table[baseline] = baselines[baseline] if baselines else _groups(result[baseline])
-    shards.write_json(scores, table)
+    shards.write_json(scores, {**table, "snapshots": [p.name for p in snapshots]})
     return table
 
 
