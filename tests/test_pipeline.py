@@ -117,3 +117,95 @@ def test_every_stage_is_checked_before_the_first_runs_and_a_failure_is_recorded(
         pipeline.run(failing, progress=False)
     state = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
     assert state["data"]["status"] == "failed" and "no-such-dataset" in state["data"]["error"]
+
+
+def test_a_train_stage_from_an_earlier_one_goes_on_from_its_last_step(
+    tmp_path, learnable_shards, monkeypatch
+):
+    """Two phases, as the built-in model's recipe: crops, then whole frames with the weight
+    average restarted, the second starting where the first stopped."""
+    import torch
+
+    from tirsynth.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(PIPELINES.parent)
+    phased = tmp_path / "phased.yaml"
+    phased.write_text(
+        f"out: {tmp_path / 'run'}\nvars: {{crop_steps: 2}}\nstages:\n"
+        f"  - train: {{name: crops, config: configs/tiny.yaml, data: '{learnable_shards}',\n"
+        "      set: ['train.max_steps=${crop_steps}', train.ema_power=3, train.precision=fp32]}\n"
+        f"  - train: {{name: whole, from: crops, config: configs/tiny.yaml,"
+        f" data: '{learnable_shards}',\n"
+        "      set: [train.max_steps=5, train.ema_power=3, train.precision=fp32,"
+        " data.image_size=64, data.load_size=64, 'train.average_from=${crop_steps}']}\n"
+    )
+    outputs = pipeline.run(phased, progress=False)
+    crops = load_checkpoint(outputs["crops"] / "checkpoints" / "latest.pt")
+    whole = load_checkpoint(outputs["whole"] / "checkpoints" / "latest.pt")
+    assert crops["step"] == 2 and whole["step"] == 5
+    assert whole["config"]["data"]["image_size"] == 64
+    logged = [json.loads(line)["step"] for line in (outputs["whole"] / "stats.jsonl").open()]
+    assert min(logged) == 3 and max(logged) == 5  # it trained steps 3-5 only
+    # The second phase moved on from the first's weights: they differ, and G's average was
+    # restarted, so it is not the first phase's average.
+    name = next(iter(crops["generator"]))
+    assert not torch.equal(crops["generator"][name], whole["generator"][name])
+    assert not torch.equal(crops["generator_ema"][name], whole["generator_ema"][name])
+
+    pipeline.run(phased, progress=False)  # complete: both skipped, nothing retrained
+    assert load_checkpoint(outputs["whole"] / "checkpoints" / "latest.pt")["step"] == 5
+    # A longer first phase makes a new first run, and the second goes on from it.
+    again = pipeline.run(phased, {"crop_steps": 3}, progress=False)
+    assert again["whole"].name == "whole-2"
+    assert min(json.loads(line)["step"] for line in (again["whole"] / "stats.jsonl").open()) == 4
+
+    for stages, error in (
+        ("from: nothing", "from 'nothing' is not an earlier train stage"),
+        ("from: crops, set: [model.ngf=8]", "from 'crops', whose model differs"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(
+            f"out: {tmp_path / 'bad'}\nstages:\n"
+            f"  - train: {{name: crops, config: configs/tiny.yaml, data: '{learnable_shards}'}}\n"
+            f"  - train: {{name: w, config: configs/tiny.yaml, data: '{learnable_shards}',"
+            f" {stages}}}\n"
+        )
+        with pytest.raises(ValueError, match=error):
+            pipeline.run(bad, progress=False)
+
+
+def test_builtin_pipeline_holds_out_the_quality_benchmarks_test_split(shared_data, tmp_path):
+    """The built-in model's recipe trains on the benchmark's train and val pairs and M3SVD
+    clip 0113_1714, and holds out its test pairs and clip 1230_1202 (the model card's
+    figures); the smoke clips are in neither."""
+    from tirsynth import bench_quality, ingest, shards
+    from tirsynth.config import IngestConfig, from_dict
+
+    spec = pipeline.load_pipeline(PIPELINES / "builtin.yaml", {"shared": str(shared_data)})
+    pipeline.validate(spec)
+    kind, options = spec["stages"][0]
+    assert kind == "ingest"
+    options = {k: v for k, v in options.items() if k != "name"}
+    options["meta"] = str(PIPELINES.parent / options["meta"])
+    # One process: see test_video.test_m3svd_as_published.
+    cfg = from_dict(IngestConfig, {**options, "out": str(tmp_path / "data"), "workers": 1})
+    result = ingest.run(cfg)
+    assert not result.rejects and not result.meta_unmatched
+    counts: dict[tuple[str, str], int] = {}
+    for row in shards.read_index(tmp_path / "data"):
+        if row["dataset"] == "m3svd":
+            expected = bench_quality.M3SVD_SPLITS[row["clip"]]
+        else:
+            benchmark = bench_quality._split(row["dataset"], Path(row["rgb_path"]).stem)
+            expected = "test" if benchmark == "test" else "train"
+        assert row["split"] == expected, row["key"]
+        counts[row["dataset"], row["split"]] = counts.get((row["dataset"], row["split"]), 0) + 1
+    assert counts == {
+        ("roadscene", "train"): 137,
+        ("roadscene", "test"): 34,
+        ("llvip", "train"): 25,
+        ("llvip", "test"): 7,
+        ("m3svd", "train"): 56,
+        ("m3svd", "test"): 21,
+        ("m3svd", "smoke"): 41 + 59,
+    }

@@ -74,6 +74,35 @@ def test_paired_video_layout_ingests_every_nth_frame_whole_clips_per_split(video
     assert again.added == 0 and again.pairs == result.pairs
 
 
+def test_a_meta_row_keyed_by_clip_sets_split_and_daynight_for_all_its_frames(video_pairs, tmp_path):
+    meta = tmp_path / "clips.csv"
+    # "a" to an unused split (M3SVD's smoke clips), "b" to test at night; "c" and "d" by
+    # hash; a key row beats its clip's row; a clip that is not there is reported unmatched.
+    meta.write_text(
+        "key,clip,split,daynight\n"
+        ",a,smoke,day\n"
+        ",b,test,night\n"
+        "clips_b_000003,,train,\n"
+        ",nowhere,train,\n"
+    )
+    out = tmp_path / "data"
+    result = ingest.run(
+        IngestConfig(sources=(str(video_pairs),), out=str(out), frame_stride=3, meta=str(meta))
+    )
+    index = shards.read_index(out)
+    by_clip = {}
+    for row in index:
+        by_clip.setdefault(row["clip"], set()).add((row["split"], row["daynight"], row["frame"]))
+    assert by_clip["a"] == {("smoke", "day", str(n)) for n in (0, 3, 6, 9)}
+    night = ("test", "night")
+    assert by_clip["b"] == {(*night, "0"), ("train", "unknown", "3"), (*night, "6")}
+    assert all(split in ("train", "val", "test") for split, _, _ in by_clip["c"] | by_clip["d"])
+    assert result.meta_unmatched == ["nowhere"]
+    meta.write_text("key,clip,split\n,a,test\n,,train\n")
+    with pytest.raises(ValueError, match="line 3: no key, stem, clip to match it by"):
+        ingest.run(IngestConfig(sources=(str(video_pairs),), out=str(out), meta=str(meta)))
+
+
 def test_m3svd_as_published(shared_data, tmp_path):
     """The shared M3SVD clips: detected, every 10th frame, each row naming clip and frame."""
     source = shared_data / "m3svd"

@@ -108,7 +108,7 @@ def prepare_data(shared: Path, data: Path, video: bool = False) -> Path:
     data.parent.mkdir(parents=True, exist_ok=True)
     meta = data.parent / ("split-video.csv" if video else "split.csv")
     with meta.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["stem", "daynight", "split"])
+        writer = csv.DictWriter(handle, ["stem", "clip", "daynight", "split"])
         writer.writeheader()
         writer.writerows(rows)
     ingest.run(IngestConfig(sources=tuple(sources), meta=str(meta), out=str(data)))
@@ -116,19 +116,13 @@ def prepare_data(shared: Path, data: Path, video: bool = False) -> Path:
 
 
 def _m3svd_rows(m3svd: Path) -> list[dict[str, str]]:
-    """A split row for every frame that ingest takes (its default stride) of each clip."""
-    from tirsynth import video
-    from tirsynth.layouts import DEFAULT_FRAME_STRIDE
-
+    """A split row for each clip (it holds for every frame ingest takes)."""
     if not (m3svd / "visible").is_dir():
         raise FileNotFoundError(f"{m3svd} is missing: the benchmark's --video needs it")
-    rows = []
-    for clip in sorted(p.stem for p in (m3svd / "visible").glob("*.mp4")):
-        split = M3SVD_SPLITS.get(clip, "smoke")  # a clip nobody looked at: kept out
-        frames = video.frame_count(m3svd / "visible" / f"{clip}.mp4")
-        rows += [{"stem": f"{clip}_{n:06d}", "daynight": "day", "split": split}
-                 for n in range(0, frames, DEFAULT_FRAME_STRIDE)]  # fmt: skip
-    return rows
+    return [
+        {"clip": clip, "daynight": "day", "split": M3SVD_SPLITS.get(clip, "smoke")}
+        for clip in sorted(p.stem for p in (m3svd / "visible").glob("*.mp4"))
+    ]  # a clip nobody looked at is kept out (smoke)
 
 
 def train_and_score(

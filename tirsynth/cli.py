@@ -90,7 +90,8 @@ def cli() -> None:
 @click.option(
     "--meta",
     type=click.Path(exists=True, dir_okay=False),
-    help="CSV with a stem or key column; other columns (e.g. daynight) are merged.",
+    help="CSV with a stem, key or clip (a video's every frame) column; its other columns "
+    "(e.g. split, daynight) are merged.",
 )
 @click.option(
     "--daynight",

@@ -32,6 +32,7 @@ from tirsynth.layouts import PairSource, Reject
 LOCK = ".ingest.lock"
 MIN_PAIRS_PER_WORKER = 60
 MIN_PAIRS_PER_TASK = 50
+META_KEYS = ("key", "stem", "clip")  # what a --meta row is matched by, in this order
 OPTIONS_IN_FINGERPRINT = ("layout", "dataset", "daynight", "split", "resize", "max_pixels")
 
 
@@ -132,14 +133,21 @@ def discover_all(cfg: IngestConfig) -> tuple[list[dict], list[PairSource], list[
 
 
 def read_meta(path: str) -> list[dict[str, str]]:
-    """Rows of a metadata CSV; each needs a `stem` or `key` column."""
+    """Rows of a metadata CSV; each needs a `stem`, `key` or `clip` column (a `clip` row
+    holds for every frame of that video)."""
+    rows = []
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if rows and not ({"stem", "key"} & rows[0].keys()):
-        raise ValueError(f"{path}: a metadata CSV needs a 'stem' or 'key' column")
-    for row in rows:
-        if row.get("daynight") not in (None, "", "day", "night"):
-            raise ValueError(f"{path}: daynight must be day or night, got {row['daynight']!r}")
+        reader = csv.DictReader(handle)
+        if not set(META_KEYS) & set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: a metadata CSV needs a 'stem', 'key' or 'clip' column")
+        for row in reader:
+            if not any(row.get(name) for name in META_KEYS):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: no {', '.join(META_KEYS)} to match it by"
+                )
+            if row.get("daynight") not in (None, "", "day", "night"):
+                raise ValueError(f"{path}: daynight must be day or night, got {row['daynight']!r}")
+            rows.append(row)
     return rows
 
 
@@ -154,13 +162,16 @@ def plan_pairs(
     """
     by_key = {row["key"]: row for row in meta_rows if row.get("key")}
     by_stem = {row["stem"]: row for row in meta_rows if row.get("stem")}
+    by_clip = {row["clip"]: row for row in meta_rows if row.get("clip")}
     used: set[int] = set()
     planned = []
     for pair in pairs:
         row = by_key.get(pair.key) or by_stem.get(pair.stem)
+        if row is None and pair.clip is not None:
+            row = by_clip.get(pair.clip)
         if row is not None:
             used.add(id(row))
-        extra = {k: v for k, v in (row or {}).items() if k not in ("key", "stem") and v != ""}
+        extra = {k: v for k, v in (row or {}).items() if k not in META_KEYS and v != ""}
         if pair.clip is not None:  # a video frame: its clip and number go into the index
             extra = {"clip": pair.clip, "frame": str(pair.frame), **extra}
         daynight = extra.pop("daynight", None)
@@ -178,7 +189,11 @@ def plan_pairs(
         group = f"{pair.dataset}/{pair.clip}" if pair.clip is not None else pair.key
         split = extra.pop("split", None) or pair.split or hash_split(group, cfg.split)
         planned.append(PlannedPair(pair, split, daynight, source, tuple(sorted(extra.items()))))
-    unmatched = [row.get("key") or row["stem"] for row in meta_rows if id(row) not in used]
+    unmatched = [
+        next(row[name] for name in META_KEYS if row.get(name))
+        for row in meta_rows
+        if id(row) not in used
+    ]
     return planned, unmatched
 
 

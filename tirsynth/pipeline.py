@@ -11,11 +11,14 @@
       - report: {}
 
 A value naming an earlier stage stands for its output (a pair-shard folder, or a training
-run's best checkpoint). A stage is skipped when OUT/pipeline.json records it complete with
-the same fingerprint: its options, the content of the files it reads and the fingerprints
-of the stages it depends on. A train stage that did not finish resumes from its latest
-checkpoint. A pipeline never deletes a stage's output: when a stage's fingerprint changes,
-it runs into a new folder (`OUT/<name>-2`, ...) and says what changed.
+run's best checkpoint). A train stage with `from: <earlier train stage>` goes on from that
+run's last checkpoint (weights, optimiser state and step) with its own settings: a second
+phase, such as whole frames after crops (pipelines/builtin.yaml). A stage is skipped when
+OUT/pipeline.json records it complete with the same fingerprint: its options, the content
+of the files it reads and the fingerprints of the stages it depends on. A train stage that
+did not finish resumes from its latest checkpoint. A pipeline never deletes a stage's
+output: when a stage's fingerprint changes, it runs into a new folder (`OUT/<name>-2`,
+...) and says what changed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -124,6 +128,7 @@ def validate(spec: dict[str, Any]) -> None:
         ValueError: naming the stage and what is wrong with its options.
     """
     placeholder = "/nonexistent/checked-later"
+    trained: dict[str, TrainConfig] = {}  # earlier train stages, for `from`
     for number, (kind, options) in enumerate(spec["stages"], start=1):
         name = options.get("name", kind)
         options = {k: v for k, v in options.items() if k != "name"}
@@ -131,11 +136,13 @@ def validate(spec: dict[str, Any]) -> None:
             if kind == "ingest":
                 from_dict(IngestConfig, {**options, "out": placeholder})
             elif kind == "train":
-                extra = set(options) - {"config", "set", "data", "workers"}
+                extra = set(options) - {"config", "set", "data", "workers", "from"}
                 _no_more(dict.fromkeys(extra), "train")
                 if "config" not in options or "data" not in options:
                     raise ValueError("train stage: needs config and data")
-                load_config(options["config"], TrainConfig, list(options.get("set", [])))
+                cfg = load_config(options["config"], TrainConfig, list(options.get("set", [])))
+                _check_start(options.get("from"), cfg, trained)
+                trained[name] = cfg
             elif kind == "generate":
                 from_dict(GenerateConfig, {**options, "out": placeholder})
             elif kind == "evaluate":
@@ -162,15 +169,36 @@ def _train(options, target, outputs, spec, resume, progress) -> None:
     cfg = load_config(options.pop("config"), TrainConfig, list(options.pop("set", [])))
     data = _resolve(options.pop("data"), outputs)
     workers = options.pop("workers", 1)
+    start = options.pop("from", None)
     _no_more(options, "train")
-    train.run(
-        cfg,
-        data,
-        target,
-        resume=resume and (target / "checkpoints").exists(),
-        workers=workers,
-        progress=progress,
-    )
+    resume = resume and (target / "checkpoints").exists()
+    if start is not None and not resume:
+        _start_from(outputs[start], target)
+        resume = True
+    train.run(cfg, data, target, resume=resume, workers=workers, progress=progress)
+
+
+def _check_start(start: str | None, cfg: TrainConfig, trained: dict[str, TrainConfig]) -> None:
+    """A `from` names an earlier train stage of the same model (a later phase may change
+    the data, loss and loop settings, not the network)."""
+    if start is None:
+        return
+    if start not in trained:
+        raise ValueError(f"train stage: from {start!r} is not an earlier train stage")
+    if trained[start].model != cfg.model:
+        raise ValueError(f"train stage: from {start!r}, whose model differs from this stage's")
+
+
+def _start_from(run: Path, target: Path) -> None:
+    """Begin `target` as a copy of `run`'s last checkpoint, which `train.run` resumes."""
+    from tirsynth.checkpoint import LATEST
+
+    last = run / "checkpoints" / LATEST
+    destination = target / "checkpoints" / LATEST
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{target.name}] starting from {last} (its step, weights and optimiser state)")
+    with shards.atomic_output(destination) as handle, open(last, "rb") as source:
+        shutil.copyfileobj(source, handle)
 
 
 def _generate(options, target, outputs, spec, resume, progress) -> None:
@@ -295,8 +323,9 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
         items = []
         for item in value:
             resolved = _substitute(item, variables)
-            # "${list_var}" as a list item splices the list in.
-            is_splice = isinstance(item, str) and VARIABLE.fullmatch(item)
+            # "${list_var}" as a list item splices the list in, and so does a list (a YAML
+            # alias of another stage's list, e.g. the settings two train phases share).
+            is_splice = isinstance(item, list) or isinstance(item, str) and VARIABLE.fullmatch(item)
             items.extend(resolved if is_splice and isinstance(resolved, list) else [resolved])
         return items
     if not isinstance(value, str):
