@@ -146,8 +146,8 @@ def test_a_train_stage_from_an_earlier_one_goes_on_from_its_last_step(
     assert whole["config"]["data"]["image_size"] == 64
     logged = [json.loads(line)["step"] for line in (outputs["whole"] / "stats.jsonl").open()]
     assert min(logged) == 3 and max(logged) == 5  # it trained steps 3-5 only
-    # The second phase moved on from the first's weights: they differ, and G's average was
-    # restarted, so it is not the first phase's average.
+    # The second phase moved on from the first's weights and average (that the average
+    # restarts at average_from is test_train.test_average_from_restarts_the_average_on_resume).
     name = next(iter(crops["generator"]))
     assert not torch.equal(crops["generator"][name], whole["generator"][name])
     assert not torch.equal(crops["generator_ema"][name], whole["generator_ema"][name])

@@ -171,9 +171,10 @@ def _train(options, target, outputs, spec, resume, progress) -> None:
     workers = options.pop("workers", 1)
     start = options.pop("from", None)
     _no_more(options, "train")
-    resume = resume and (target / "checkpoints").exists()
+    resume = resume and (target / train.CHECKPOINTS).exists()
     if start is not None and not resume:
-        _start_from(outputs[start], target)
+        last = train.CHECKPOINTS + "/" + train.LATEST
+        _copy_checkpoint(outputs[start] / last, target / last)
         resume = True
     train.run(cfg, data, target, resume=resume, workers=workers, progress=progress)
 
@@ -189,14 +190,10 @@ def _check_start(start: str | None, cfg: TrainConfig, trained: dict[str, TrainCo
         raise ValueError(f"train stage: from {start!r}, whose model differs from this stage's")
 
 
-def _start_from(run: Path, target: Path) -> None:
-    """Begin `target` as a copy of `run`'s last checkpoint, which `train.run` resumes."""
-    from tirsynth.checkpoint import LATEST
-
-    last = run / "checkpoints" / LATEST
-    destination = target / "checkpoints" / LATEST
+def _copy_checkpoint(last: Path, destination: Path) -> None:
+    """Begin a run as a copy of another's last checkpoint, which `train.run` resumes."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{target.name}] starting from {last} (its step, weights and optimiser state)")
+    print(f"starting from {last} (its step, weights and optimiser state)")
     with shards.atomic_output(destination) as handle, open(last, "rb") as source:
         shutil.copyfileobj(source, handle)
 
