@@ -323,6 +323,10 @@ def test_resume_with_other_steps_per_epoch_keeps_the_epoch(learnable_shards, tmp
     )  # fmt: skip
     assert "step 13 continues as step 26" in capsys.readouterr().out
     assert resumed.step == 40 and resumed.epoch == 2
+    # A max_steps counted in the old steps can end before the mapped step: said, not silent.
+    train.run(tiny_cfg("train.epochs=2", "train.max_steps=30", "train.batch_size=4"),
+              learnable_shards, run, resume=True, progress=False)  # fmt: skip
+    assert "nothing to train: step 20 is already at the run's end (20)" in capsys.readouterr().out
     assert train.resumed_step(13, 10, 20) == 26
     assert train.resumed_step(26, 20, 10) == 13
     assert train.resumed_step(7, 10, 10) == 7
@@ -384,6 +388,25 @@ def test_checkpoint_contents_and_generator_reload(learnable_shards, tmp_path):
     assert gen(rgb).shape == (1, 1, 32, 32)
     assert (result.out / "config.yaml").exists()
     assert sorted(p.name for p in (result.out / "samples").iterdir())
+
+
+def test_keep_checkpoints_leaves_only_the_newest_step_files(learnable_shards, tmp_path):
+    run = tmp_path / "r"
+    overrides = ("train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    result = train.run(tiny_cfg(*overrides), learnable_shards, run, progress=False)
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+    assert names == ["best.pt", "latest.pt", "step_00000003.pt", "step_00000004.pt"]
+    assert load_checkpoint(run / "checkpoints" / "step_00000004.pt")["step"] == 4
+    assert load_checkpoint(result.checkpoint)["step"] == 4
+    every = train.run(
+        tiny_cfg("train.max_steps=3", "train.checkpoint_every=1"),
+        learnable_shards,
+        tmp_path / "all",
+        progress=False,
+    )
+    assert len(list((every.out / "checkpoints").glob("step_*.pt"))) == 3  # 0 keeps all
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        tiny_cfg("train.keep_checkpoints=-1")
 
 
 class Arbitrary:

@@ -190,6 +190,7 @@ class LoopConfig:
     lr_decay_from: float = 1.0  # fraction of the run after which lr falls linearly to 0
     val_every: int = 1  # epochs between validations (each also writes latest.pt and a grid)
     checkpoint_every: int = 0  # also keep step_N.pt (and update latest.pt) every N steps
+    keep_checkpoints: int = 0  # the newest step_N.pt files kept (0: all); each holds G, D and Adam
     log_every: int = 10  # steps between stats.jsonl records
     sample_count: int = 4  # rows of the per-epoch sample grid
 
@@ -197,6 +198,8 @@ class LoopConfig:
         check_literals(self)
         if min(self.batch_size, self.epochs, self.val_every) < 1 or self.max_steps < 0:
             raise ValueError("train.batch_size, epochs and val_every must be >= 1, max_steps >= 0")
+        if min(self.checkpoint_every, self.keep_checkpoints) < 0:
+            raise ValueError("train.checkpoint_every and keep_checkpoints must be >= 0")
         if self.ema_power is not None and self.ema_power < 0:
             raise ValueError(f"train.ema_power must be >= 0 or null, got {self.ema_power}")
         if not 0 <= self.lr_decay_from <= 1:

@@ -215,15 +215,18 @@ def train_worker(
     step, best_ssim, last_val, tir_stats = 0, -math.inf, {}, None
     if resume:
         saved = load_checkpoint(out / CHECKPOINTS / LATEST)
-        trainees.load_state_dict(saved)
-        best_ssim, last_val, tir_stats = saved["best_ssim"], saved["val"], saved["tir_stats"]
         step = resumed_step(saved["step"], saved["steps_per_epoch"], steps_per_epoch)
+        trainees.load_state_dict(saved, step)
+        best_ssim, last_val, tir_stats = saved["best_ssim"], saved["val"], saved["tir_stats"]
         if step != saved["step"] and rank == 0:
             print(
                 f"resuming with {steps_per_epoch} steps per epoch where the run had "
-                f"{saved['steps_per_epoch']} (another --workers or batch size): step "
-                f"{saved['step']} continues as step {step}, at the same point of the same epoch"
+                f"{saved['steps_per_epoch']} (other data, --workers or batch size): step "
+                f"{saved['step']} continues as step {step}, at the same point of the same "
+                f"epoch; train.max_steps and average_from count in these steps"
             )
+        if step >= total_steps and rank == 0:
+            print(f"nothing to train: step {step} is already at the run's end ({total_steps})")
     elif rank == 0:
         tir_stats = real_tir_statistics(data, cfg.data.image_size)
     if world > 1:
@@ -277,6 +280,7 @@ def train_worker(
                 )
                 save_checkpoint(out / CHECKPOINTS / f"step_{step:08d}.pt", state)
                 save_checkpoint(out / CHECKPOINTS / LATEST, state)
+                _drop_old_step_checkpoints(out / CHECKPOINTS, loop.keep_checkpoints)
             if not epoch_ends:
                 continue
             validation_due = (step // steps_per_epoch) % loop.val_every == 0
@@ -488,10 +492,11 @@ class Trainees:
             state["generator_ema"] = self.ema.module.state_dict()  # what inference loads
         return state
 
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Restore a checkpoint. A run may resume with another precision (a grad scaler
-        only exists for fp16, and starts afresh) and with an average switched on (it starts
-        from the resumed weights)."""
+    def load_state_dict(self, saved: dict[str, Any], step: int) -> None:
+        """Restore a checkpoint that goes on at `step` (`resumed_step`: the counting
+        `average_from` uses). A run may resume with another precision (a grad scaler only
+        exists for fp16, and starts afresh) and with an average switched on (it starts from
+        the resumed weights)."""
         _unwrap(self.gen).load_state_dict(saved["generator"])
         _unwrap(self.disc).load_state_dict(saved["discriminator"])
         self.opt_g.load_state_dict(saved["optim_g"])
@@ -501,7 +506,7 @@ class Trainees:
         if self.ema is not None and "generator_ema" in saved:
             self.ema.module.load_state_dict(saved["generator_ema"])
             # Past `average_from` nothing older counts: at 0 updates the next one copies G.
-            self.ema.n_averaged.fill_(max(0, saved["step"] - self.average_from))
+            self.ema.n_averaged.fill_(max(0, step - self.average_from))
 
 
 def checkpoint_state(
@@ -632,6 +637,18 @@ def _divergence_message(step: int, losses: dict[str, float], out: Path) -> str:
     latest = out / CHECKPOINTS / LATEST
     kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint yet"
     return f"non-finite loss at step {step} ({values}); training stopped, {kept}"
+
+
+def _drop_old_step_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step_N.pt files (keep 0: none deleted).
+
+    A training checkpoint holds G, D and both optimizers' moments, so a long run that keeps
+    one every few hundred steps fills a disk; latest.pt and best.pt are never touched.
+    """
+    if keep <= 0:
+        return
+    for stale in sorted(folder.glob("step_*.pt"))[:-keep]:
+        stale.unlink(missing_ok=True)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
