@@ -176,30 +176,36 @@ def test_a_train_stage_from_an_earlier_one_goes_on_from_its_last_step(
 
 def test_builtin_pipeline_holds_out_the_quality_benchmarks_test_split(shared_data, tmp_path):
     """The built-in model's recipe trains on the benchmark's train and val pairs and M3SVD
-    clip 0113_1714, and holds out its test pairs and clip 1230_1202 (the model card's
-    figures); the smoke clips are in neither."""
+    clip 0113_1714 (its whole-frame phase also on the clear end of smoke clip 0117_1605), and
+    holds out its test pairs and clip 1230_1202 (the model card's figures)."""
     from tirsynth import bench_quality, ingest, shards
     from tirsynth.config import IngestConfig, from_dict
 
     spec = pipeline.load_pipeline(PIPELINES / "builtin.yaml", {"shared": str(shared_data)})
     pipeline.validate(spec)
-    kind, options = spec["stages"][0]
-    assert kind == "ingest"
-    options = {k: v for k, v in options.items() if k != "name"}
-    options["meta"] = str(PIPELINES.parent / options["meta"])
-    # One process: see test_video.test_m3svd_as_published.
-    cfg = from_dict(IngestConfig, {**options, "out": str(tmp_path / "data"), "workers": 1})
-    result = ingest.run(cfg)
-    assert not result.rejects and not result.meta_unmatched
+    splits = {}
+    for number in (0, 1):
+        kind, options = spec["stages"][number]
+        assert kind == "ingest"
+        options = {k: v for k, v in options.items() if k != "name"}
+        options["meta"] = str(PIPELINES.parent / options["meta"])
+        out = tmp_path / str(number)
+        # One process: see test_video.test_m3svd_as_published.
+        result = ingest.run(from_dict(IngestConfig, {**options, "out": str(out), "workers": 1}))
+        assert not result.rejects and not result.meta_unmatched
+        splits[number] = {
+            (row["dataset"], row.get("clip"), row.get("frame"), Path(row["rgb_path"]).name):
+            row["split"] for row in shards.read_index(out)
+        }  # fmt: skip
     counts: dict[tuple[str, str], int] = {}
-    for row in shards.read_index(tmp_path / "data"):
-        if row["dataset"] == "m3svd":
-            expected = bench_quality.M3SVD_SPLITS[row["clip"]]
+    for (dataset, clip, frame, name), split in splits[0].items():
+        if dataset == "m3svd":
+            expected = bench_quality.M3SVD_SPLITS[clip]
         else:
-            benchmark = bench_quality._split(row["dataset"], Path(row["rgb_path"]).stem)
+            benchmark = bench_quality._split(dataset, Path(name).stem)
             expected = "test" if benchmark == "test" else "train"
-        assert row["split"] == expected, row["key"]
-        counts[row["dataset"], row["split"]] = counts.get((row["dataset"], row["split"]), 0) + 1
+        assert split == expected, (dataset, clip, frame, name)
+        counts[dataset, split] = counts.get((dataset, split), 0) + 1
     assert counts == {
         ("roadscene", "train"): 137,
         ("roadscene", "test"): 34,
@@ -209,3 +215,11 @@ def test_builtin_pipeline_holds_out_the_quality_benchmarks_test_split(shared_dat
         ("m3svd", "test"): 21,
         ("m3svd", "smoke"): 41 + 59,
     }
+    # Phase 2: the same train and test items, plus 0117_1605's frames 340-406 (every 2nd).
+    used = {item: split for item, split in splits[1].items() if split in ("train", "test")}
+    clear = {
+        ("m3svd", "0117_1605", str(f), f"0117_1605.mp4#frame={f}"): "train"
+        for f in range(340, 407, 2)
+    }
+    kept = {item: split for item, split in splits[0].items() if split != "smoke"}
+    assert used == {**kept, **clear}
