@@ -1,6 +1,7 @@
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,29 @@ def test_resume_with_other_steps_per_epoch_keeps_the_epoch(learnable_shards, tmp
     assert train.resumed_step(13, 10, 20) == 26
     assert train.resumed_step(26, 20, 10) == 13
     assert train.resumed_step(7, 10, 10) == 7
+
+
+def test_resume_on_other_train_data_counts_the_steps_on(learnable_shards, tmp_path, capsys):
+    """A later phase on other pairs (fewer steps per epoch here) goes on at the checkpoint's
+    step, so its max_steps and average_from are counted as the earlier phase's were."""
+    fewer = tmp_path / "fewer"
+    shutil.copytree(learnable_shards, fewer)
+    rows = shards.read_index(fewer)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    shutil.rmtree(fewer / shards.INDEX)  # a folder of fragments; one file reads the same
+    shards.write_table(fewer / shards.INDEX, [r for r in rows if r not in train_rows[:12]])
+    run = tmp_path / "run"
+    train.run(tiny_cfg("train.max_steps=4"), learnable_shards, run, progress=False)
+    capsys.readouterr()
+    resumed = train.run(
+        tiny_cfg("train.max_steps=6"), fewer, run, resume=True, progress=False,
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "resuming on other train data: steps count on from step 4" in printed
+    assert "continues as step" not in printed
+    state = load_checkpoint(resumed.checkpoint)
+    assert resumed.step == state["step"] == 6
+    assert state["optim_g"]["state"][0]["step"] == 6  # 4 + 2 updates, none repeated
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(learnable_shards, tmp_path):

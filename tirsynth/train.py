@@ -194,6 +194,9 @@ def train_worker(
             f"{data}: {len(train_set)} train samples per worker is less than one batch of "
             f"train.batch_size={loop.batch_size}"
         )
+    # Which pairs train: a resume on other data (a later phase) counts its steps on as they
+    # are; only the same data is remapped to the same point of the same epoch.
+    train_digest = _keys_digest(key for keys in train_set.shard_keys.values() for key in keys)
     total_steps = loop.epochs * steps_per_epoch
     if loop.max_steps:
         total_steps = min(total_steps, loop.max_steps)
@@ -215,16 +218,22 @@ def train_worker(
     step, best_ssim, last_val, tir_stats = 0, -math.inf, {}, None
     if resume:
         saved = load_checkpoint(out / CHECKPOINTS / LATEST)
-        step = resumed_step(saved["step"], saved["steps_per_epoch"], steps_per_epoch)
+        recorded = saved.get("train_keys_sha256")  # None in checkpoints before it was kept
+        same_data = recorded == train_digest if recorded else saved.get("data") == str(data)
+        step = saved["step"]
+        if same_data:
+            step = resumed_step(step, saved["steps_per_epoch"], steps_per_epoch)
         trainees.load_state_dict(saved, step)
         best_ssim, last_val, tir_stats = saved["best_ssim"], saved["val"], saved["tir_stats"]
         if step != saved["step"] and rank == 0:
             print(
                 f"resuming with {steps_per_epoch} steps per epoch where the run had "
-                f"{saved['steps_per_epoch']} (other data, --workers or batch size): step "
+                f"{saved['steps_per_epoch']} (another --workers or batch size): step "
                 f"{saved['step']} continues as step {step}, at the same point of the same "
                 f"epoch; train.max_steps and average_from count in these steps"
             )
+        if not same_data and rank == 0:
+            print(f"resuming on other train data: steps count on from step {step}")
         if step >= total_steps and rank == 0:
             print(f"nothing to train: step {step} is already at the run's end ({total_steps})")
     elif rank == 0:
@@ -276,8 +285,9 @@ def train_worker(
                 _average_buffers(gen, world)  # every rank, at the same steps
             if rank == 0 and keep_step:
                 state = checkpoint_state(
-                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats
-                )
+                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats,
+                    train_digest,
+                )  # fmt: skip
                 save_checkpoint(out / CHECKPOINTS / f"step_{step:08d}.pt", state)
                 save_checkpoint(out / CHECKPOINTS / LATEST, state)
                 _drop_old_step_checkpoints(out / CHECKPOINTS, loop.keep_checkpoints)
@@ -311,8 +321,9 @@ def train_worker(
                 if improved:
                     best_ssim = last_val["ssim"]
                 state = checkpoint_state(
-                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats
-                )
+                    cfg, data, trainees, step, steps_per_epoch, best_ssim, last_val, tir_stats,
+                    train_digest,
+                )  # fmt: skip
                 if improved:  # best.pt before latest.pt, which a resume reads
                     save_checkpoint(out / CHECKPOINTS / BEST, state)
                 save_checkpoint(out / CHECKPOINTS / LATEST, state)
@@ -510,7 +521,7 @@ class Trainees:
 
 
 def checkpoint_state(
-    cfg, data, trainees, step, steps_per_epoch, best_ssim, val, tir_stats
+    cfg, data, trainees, step, steps_per_epoch, best_ssim, val, tir_stats, train_keys_sha256
 ) -> dict[str, Any]:
     """Everything a resume, `generate` and `evaluate` need, as tensors and plain values."""
     return {
@@ -523,6 +534,7 @@ def checkpoint_state(
         "val": val,
         "tir_stats": tir_stats,
         "data": str(data),
+        "train_keys_sha256": train_keys_sha256,  # which pairs trained (see the resume)
         "seed": cfg.train.seed,  # with the step, fixes every random draw of the run
         "torch": str(torch.__version__),
     }
@@ -637,6 +649,10 @@ def _divergence_message(step: int, losses: dict[str, float], out: Path) -> str:
     latest = out / CHECKPOINTS / LATEST
     kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint yet"
     return f"non-finite loss at step {step} ({values}); training stopped, {kept}"
+
+
+def _keys_digest(keys) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
 def _drop_old_step_checkpoints(folder: Path, keep: int) -> None:
