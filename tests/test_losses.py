@@ -112,3 +112,23 @@ def test_low_pass_leaves_fine_detail_to_the_gan_and_keeps_the_low_frequencies():
     assert level_terms["g_l1"] == pytest.approx(30.0, rel=1e-4)
     with pytest.raises(ValueError, match="low_pass"):
         LossConfig(low_pass=-1)
+
+
+def test_focal_frequency_weighs_the_frequencies_the_output_misses_most():
+    """loss.focal_frequency: a fine checkerboard missing from the output costs in full at its
+    one frequency, where plain L2 over the spectrum (the same as L2 in pixels) would spread
+    the same weight over every frequency; a term that is off costs nothing."""
+    real = (torch.arange(16).view(-1, 1) + torch.arange(16)).remainder(2) * 0.4 - 0.2
+    real = real.view(1, 1, 16, 16)
+    blank = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    cfg = LossConfig(gan=0, l1=0, gradient=0, intensity=0, focal_frequency=10)
+    total, parts = losses.generator_loss(None, real, blank, cfg)
+    # The checkerboard's energy, 16 * 16 * 0.2**2 = 10.24, sits at one of 256 frequencies
+    # with weight 1 (the largest error): mean 10.24 / 256 = 0.04; times 10.
+    assert parts["g_focal_frequency"] == pytest.approx(0.4, rel=1e-4)
+    total.backward()
+    assert blank.grad.abs().sum() > 0
+    _, off = losses.generator_loss(None, real, blank, LossConfig(gan=0, focal_frequency=0))
+    assert "g_focal_frequency" not in off
+    with pytest.raises(ValueError, match="focal_frequency"):
+        LossConfig(focal_frequency=-1)

@@ -126,13 +126,20 @@ class LossConfig:
     # intensity terms: they then fix only the low frequencies, and leave the edges to the
     # GAN and the gradient term (pix2pix: L1 for the low, the PatchGAN for the high).
     low_pass: float = 0.0
+    # Focal frequency loss (Jiang et al. 2021): the squared distance between the 2D spectra
+    # of output and target, each frequency weighted by its own error, so the frequencies G
+    # misses most (the fine ones, in a blurry G) weigh most.
+    focal_frequency: float = 0.0
 
     def __post_init__(self) -> None:
         check_literals(self)
         unknown = set(filter(None, self.d_augment.split(","))) - set(AUGMENTS)
         if unknown:
             raise ValueError(f"loss.d_augment: {sorted(unknown)} not in {AUGMENTS}")
-        for name in ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching", "low_pass"):
+        for name in (
+            "gan", "l1", "gradient", "intensity", "ssim", "feature_matching", "low_pass",
+            "focal_frequency",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 

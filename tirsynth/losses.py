@@ -6,10 +6,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from focal_frequency_loss import FocalFrequencyLoss
 
 from tirsynth import metrics
 from tirsynth.config import LossConfig
 from tirsynth.metrics import intensity
+
+focal_frequency_loss = FocalFrequencyLoss()  # the paper's defaults: alpha 1, whole image
 
 GanMode = Literal["vanilla", "lsgan"]
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -98,6 +101,10 @@ def generator_loss(
             # Derivatives, not magnitudes: texture where the real image has none, or an
             # edge of the wrong polarity, costs instead of paying.
             terms["g_gradient"] = cfg.gradient * F.l1_loss(sobel(fake_i), sobel(real_i))
+    if cfg.focal_frequency:
+        # FFT has no bfloat16 kernels; the spectra of float32 images.
+        spectra = focal_frequency_loss(fake.float(), real.float())
+        terms["g_focal_frequency"] = cfg.focal_frequency * spectra
     total = sum(terms.values(), fake.new_zeros(()))
     return total, {name: value.item() for name, value in terms.items()}
 
