@@ -136,10 +136,8 @@ class LossConfig:
         unknown = set(filter(None, self.d_augment.split(","))) - set(AUGMENTS)
         if unknown:
             raise ValueError(f"loss.d_augment: {sorted(unknown)} not in {AUGMENTS}")
-        for name in (
-            "gan", "l1", "gradient", "intensity", "ssim", "feature_matching", "low_pass",
-            "focal_frequency",
-        ):
+        weights = ("gan", "l1", "gradient", "intensity", "ssim", "feature_matching")
+        for name in (*weights, "low_pass", "focal_frequency"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
