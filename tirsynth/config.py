@@ -127,8 +127,8 @@ class LossConfig:
     # GAN and the gradient term (pix2pix: L1 for the low, the PatchGAN for the high).
     low_pass: float = 0.0
     # Focal frequency loss (Jiang et al. 2021): the squared distance between the 2D spectra
-    # of output and target, each frequency weighted by its own error, so the frequencies G
-    # misses most (the fine ones, in a blurry G) weigh most.
+    # of output and target, each frequency weighted by its own error. On this data the
+    # largest errors are the low frequencies, so it acts mostly as an L2 regression.
     focal_frequency: float = 0.0
 
     def __post_init__(self) -> None:
