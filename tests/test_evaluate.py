@@ -70,6 +70,22 @@ def test_detail_metrics_see_blur_that_ssim_forgives():
     assert score(real, sharpened)["edge_ratio"] > 1.2
 
 
+def test_a_batch_scored_on_threads_matches_one_by_one_in_order():
+    """Images of different sizes and content, scored as a batch: each row is that image's
+    own `score`, in the batch's order."""
+    from tirsynth.quality import score, score_all
+
+    rng = np.random.default_rng(0)
+    shapes = [(60, 80), (33, 47), (80, 64), (41, 41), (70, 90)]
+    reals = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
+    outputs = [np.clip(r.astype(int) + rng.integers(-40, 40, r.shape), 0, 255).astype(np.uint8)
+               for r in reals]  # fmt: skip
+    expected = [score(real, output) for real, output in zip(reals, outputs, strict=True)]
+    assert len({row["ssim"] for row in expected}) == len(shapes)  # the order is visible
+    assert score_all(reals, outputs) == expected
+    assert score_all([], []) == []
+
+
 def test_grids_are_native_with_a_zoom_where_the_real_tir_has_detail(tmp_path):
     from PIL import Image
 

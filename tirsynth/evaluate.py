@@ -86,7 +86,9 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
         clip_frames: dict[str, list] = {}
         bar = tqdm(total=len(rows), disable=not progress, desc=model["name"], unit="img")
         for batch in quality.batched(samples, cfg.batch_size):
-            for sample, output in zip(batch, translate([s["rgb"] for s in batch]), strict=True):
+            outputs = translate([s["rgb"] for s in batch])
+            scores = quality.score_all([s["real"] for s in batch], outputs)
+            for sample, output, scored in zip(batch, outputs, scores, strict=True):
                 if sample["key"] in clip_of:
                     clip, frame = clip_of[sample["key"]]
                     clip_frames.setdefault(clip, []).append((frame, output, sample["real"]))
@@ -96,7 +98,7 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
                         "key": sample["key"],
                         "dataset": sample["dataset"],
                         "daynight": sample["daynight"],
-                        **quality.score(sample["real"], output),
+                        **scored,
                     }
                 )
             bar.update(len(batch))
