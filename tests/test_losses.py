@@ -53,6 +53,46 @@ def test_discriminator_loss_is_half_the_sum():
     assert losses.discriminator_loss(ones * 0, ones * 0).item() == pytest.approx(math.log(2))
 
 
+def test_relativistic_loss_compares_real_with_generated_not_each_alone():
+    """RaGAN: a logit counts against the other kind's mean, so a shift of every logit by
+    the same amount changes nothing (vanilla's loss would); G's loss is D's with the roles
+    swapped, and its gradient reaches the generated pairs through both terms."""
+    real = torch.tensor([2.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
+    fake = torch.tensor([-1.0, 0.0, 1.0, -2.0]).view(1, 1, 2, 2)
+    d_loss = losses.discriminator_loss(real, fake, "relativistic")
+    by_hand = 0.5 * (
+        torch.nn.functional.softplus(-(real - fake.mean())).mean()  # -log sigmoid
+        + torch.nn.functional.softplus(fake - real.mean()).mean()  # -log (1 - sigmoid)
+    )
+    assert d_loss.item() == pytest.approx(by_hand.item())
+    shifted = losses.discriminator_loss(real + 5, fake + 5, "relativistic")
+    assert shifted.item() == pytest.approx(d_loss.item())
+    assert losses.discriminator_loss(real + 5, fake + 5).item() != pytest.approx(
+        losses.discriminator_loss(real, fake).item()
+    )
+    equal = torch.zeros(1, 1, 2, 2)
+    assert losses.discriminator_loss(equal, equal, "relativistic").item() == pytest.approx(
+        math.log(2)
+    )
+    generated = fake.clone().requires_grad_(True)
+    images = torch.zeros(1, 1, 4, 4)
+    cfg = LossConfig(gan_mode="relativistic", l1=0, gradient=0, intensity=0)
+    total, parts = losses.generator_loss(generated, images, images, cfg, real_logits=real)
+    assert parts["g_gan"] == pytest.approx(
+        losses.discriminator_loss(fake, real, "relativistic").item()
+    )
+    total.backward()
+    assert generated.grad is not None and generated.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="real pairs"):
+        losses.generator_loss(fake, images, images, cfg)
+    scales = [real, real[..., :1]], [fake, fake[..., :1]]
+    each = zip(*scales, strict=True)
+    expected = sum(losses.discriminator_loss(r, f, "relativistic") for r, f in each) / 2
+    assert losses.discriminator_loss(*scales, "relativistic").item() == pytest.approx(
+        expected.item()
+    )
+
+
 def test_gradient_loss_of_magnitudes_pays_for_misplaced_texture_derivatives_do_not():
     """The paper's L1 between Sobel magnitudes is lowered by texture of the right strength
     anywhere; L1 between the derivatives only by texture where the real image has it."""

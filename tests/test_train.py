@@ -122,6 +122,19 @@ def test_feature_matching_pulls_g_towards_ds_view_of_the_real_pair(learnable_sha
     assert losses["g"] == pytest.approx(total, rel=1e-5)
 
 
+def test_relativistic_gan_trains_g_and_d(learnable_shards):
+    """loss.gan_mode=relativistic: a step updates D and G, and G's GAN term is finite."""
+    cfg = tiny_cfg("loss.gan_mode=relativistic")
+    gen, disc = build_generator(cfg.model), build_discriminator(cfg.model)
+    batch = first_batch(learnable_shards)
+    d_before = [p.detach().clone() for p in disc.parameters()]
+    g_before = [p.detach().clone() for p in gen.parameters()]
+    losses = fp32_step(batch, gen, disc, cfg)
+    assert math.isfinite(losses["g_gan"]) and losses["g_gan"] > 0 and math.isfinite(losses["d"])
+    assert any(not torch.equal(b, p) for b, p in zip(d_before, disc.parameters(), strict=True))
+    assert any(not torch.equal(b, p) for b, p in zip(g_before, gen.parameters(), strict=True))
+
+
 def test_spectral_d_and_d_augment_train_with_finite_losses(learnable_shards):
     """model.disc_norm=spectral and loss.d_augment: a step updates G and D; D's view of a
     pair is augmented in both steps, so its logits on the same pair differ from call to

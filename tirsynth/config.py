@@ -114,7 +114,9 @@ class LossConfig:
     ssim: float = 0.0  # 1 - SSIM of the intensities (not in the paper; InfraGAN uses one)
     # The gradient loss compares Sobel magnitudes (the paper's GRA) or the derivatives.
     gradient_of: Literal["magnitude", "derivatives"] = "magnitude"
-    gan_mode: Literal["vanilla", "lsgan"] = "vanilla"  # vanilla: non-saturating BCE
+    # vanilla: non-saturating BCE; relativistic: the relativistic average GAN of ESRGAN,
+    # whose D judges real against generated pairs rather than each alone
+    gan_mode: Literal["vanilla", "lsgan", "relativistic"] = "vanilla"
     # L1 between D's activations on the real and on the generated pair, layer by layer
     # (pix2pixHD's feature matching, weight 10 there): D's view of texture, for G.
     feature_matching: float = 0.0

@@ -14,7 +14,7 @@ from tirsynth.metrics import intensity
 
 focal_frequency_loss = FocalFrequencyLoss()  # the paper's defaults: alpha 1, whole image
 
-GanMode = Literal["vanilla", "lsgan"]
+GanMode = Literal["vanilla", "lsgan", "relativistic"]
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
@@ -36,7 +36,7 @@ def adversarial_loss(logits: Logits, real: bool, mode: GanMode = "vanilla") -> t
         return F.binary_cross_entropy_with_logits(logits, target)
     if mode == "lsgan":
         return F.mse_loss(logits, target)
-    raise ValueError(f"gan mode {mode!r} is not vanilla or lsgan")
+    raise ValueError(f"gan mode {mode!r} is not vanilla or lsgan (relativistic compares two)")
 
 
 def sobel(gray: torch.Tensor) -> torch.Tensor:
@@ -69,17 +69,26 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def generator_loss(
-    fake_logits: Logits | None, real: torch.Tensor, fake: torch.Tensor, cfg: LossConfig
+    fake_logits: Logits | None,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    cfg: LossConfig,
+    real_logits: Logits | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """G's objective (Eq. 7): gan + l1 * L1 + gradient * L1(GRA) + intensity * L1(I).
 
-    A term whose weight is 0 is not computed at all.
+    A term whose weight is 0 is not computed at all. `real_logits`, D's on the real pairs,
+    only for the relativistic GAN loss: G's term is then D's with the roles swapped.
 
     Returns:
         (the total to backpropagate, each weighted term as a float for logging).
     """
     terms: dict[str, torch.Tensor] = {}
-    if cfg.gan and fake_logits is not None:
+    if cfg.gan and fake_logits is not None and cfg.gan_mode == "relativistic":
+        if real_logits is None:
+            raise ValueError("the relativistic GAN loss needs D's logits on the real pairs")
+        terms["g_gan"] = cfg.gan * discriminator_loss(fake_logits, real_logits, cfg.gan_mode)
+    elif cfg.gan and fake_logits is not None:
         terms["g_gan"] = cfg.gan * adversarial_loss(fake_logits, True, cfg.gan_mode)
     low_fake, low_real = gaussian_blur(fake, cfg.low_pass), gaussian_blur(real, cfg.low_pass)
     if cfg.l1:
@@ -112,10 +121,32 @@ def generator_loss(
 def discriminator_loss(
     real_logits: Logits, fake_logits: Logits, mode: GanMode = "vanilla"
 ) -> torch.Tensor:
-    """D's loss: half the sum of its losses on real and on fake pairs (as pix2pix)."""
+    """D's loss: half the sum of its losses on real and on fake pairs (as pix2pix).
+
+    relativistic: the relativistic average GAN (Jolicoeur-Martineau 2019, as ESRGAN): D
+    judges whether a real pair looks more real than the generated ones do on average, and
+    a generated pair less real than the real ones; each logit less the mean of the other
+    kind's. Swapping the arguments gives G's loss, whose gradient then flows through both
+    terms.
+    """
+    if mode == "relativistic":
+        return 0.5 * (
+            _relativistic_loss(real_logits, fake_logits, True)
+            + _relativistic_loss(fake_logits, real_logits, False)
+        )
     return 0.5 * (
         adversarial_loss(real_logits, True, mode) + adversarial_loss(fake_logits, False, mode)
     )
+
+
+def _relativistic_loss(logits: Logits, others: Logits, real: bool) -> torch.Tensor:
+    """BCE of each logit less the mean of `others` (the same scale's) against `real`."""
+    if isinstance(logits, list):
+        pairs = zip(logits, others, strict=True)
+        return sum(_relativistic_loss(x, y, real) for x, y in pairs) / len(logits)
+    relative = logits.float() - others.float().mean()
+    target = torch.ones_like(relative) if real else torch.zeros_like(relative)
+    return F.binary_cross_entropy_with_logits(relative, target)
 
 
 def augment_pairs(

@@ -437,13 +437,13 @@ def train_step(
     # module is called so that DDP does not wait for D gradients that never come.
     _set_requires_grad(disc, False)
     opt_g.zero_grad(set_to_none=True)
-    fake_logits, matching = None, None
+    fake_logits, real_logits, matching = None, None, None
     if loss_cfg.feature_matching:
         seed = int(torch.randint(1 << 62, ()))  # one transform for the real and fake pair
         with autocast():
             with torch.no_grad():
                 real_pair = augment_pairs(cond, real, policy, seed)
-                _, real_features = _unwrap(disc)(*real_pair, features=True)
+                real_logits, real_features = _unwrap(disc)(*real_pair, features=True)
             fake_pair = augment_pairs(cond, fake, policy, seed)
             fake_logits, fake_features = _unwrap(disc)(*fake_pair, features=True)
         matching = (
@@ -457,9 +457,12 @@ def train_step(
     elif loss_cfg.gan:
         with autocast():
             fake_logits = _unwrap(disc)(*augment_pairs(cond, fake, policy))
+            if loss_cfg.gan_mode == "relativistic":
+                with torch.no_grad():  # D as it is now, after its step
+                    real_logits = _unwrap(disc)(*augment_pairs(cond, real, policy))
 
     # 3. G on the non-saturating GAN loss plus the L1, gradient and intensity terms (Eq. 7).
-    loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg)
+    loss_g, parts = generator_loss(fake_logits, real, fake.float(), loss_cfg, real_logits)
     if matching is not None:
         loss_g = loss_g + matching
         parts["g_feature_matching"] = matching.item()
