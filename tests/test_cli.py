@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from conftest import SAMPLE
 from PIL import Image
 
+from tirsynth.checkpoint import BUILTIN
 from tirsynth.cli import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -322,6 +323,59 @@ def test_generate_and_evaluate_use_the_builtin_model_in_an_empty_folder(
     evaluated = CliRunner().invoke(cli, ["evaluate", "--data", "pairs", "--out", "evaluation"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "using the built-in model" in evaluated.output
+
+
+def test_builtin_names_the_shipped_model_while_runs_holds_a_trained_one(
+    tmp_path, monkeypatch, ray_session, tiny_checkpoint
+):
+    """After `make demo` ./runs holds a rough model, which a bare generate would take:
+    --checkpoint builtin (and --compare builtin) asks for the shipped one by name."""
+    trained = tmp_path / "runs" / "demo" / "checkpoints" / "best.pt"
+    trained.parent.mkdir(parents=True)
+    trained.write_bytes(tiny_checkpoint.read_bytes())
+    inputs = tmp_path / "rgb"
+    inputs.mkdir()
+    (inputs / "a.jpg").write_bytes(
+        (SAMPLE / "roadscene" / "crop_LR_visible" / "FLIR_03801.jpg").read_bytes()
+    )
+    monkeypatch.chdir(tmp_path)
+    bare = CliRunner().invoke(cli, ["generate", "--input", "rgb", "--out", "bare"])
+    assert bare.exit_code == 0 and "runs/demo/checkpoints/best.pt" in bare.output
+    named = CliRunner().invoke(
+        cli, ["generate", "--input", "rgb", "--out", "named", "--checkpoint", "builtin"]
+    )
+    assert named.exit_code == 0, named.output
+    assert "using the built-in model" in named.output and "runs/demo" not in named.output
+    pairs = CliRunner().invoke(
+        cli, ["ingest", str(SAMPLE / "roadscene"), "--out", "pairs", "--split", "0,0,1"]
+    )
+    assert pairs.exit_code == 0, pairs.output
+    compared = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "--data",
+            "pairs",
+            "--out",
+            "ev",
+            "--no-baselines",
+            "--compare",
+            "builtin",
+            "--name",
+            "demo",
+            "--name",
+            "shipped",
+        ],
+    )
+    assert compared.exit_code == 0, compared.output
+    assert {
+        m["name"]: m["checkpoint"]
+        for m in json.loads((tmp_path / "ev" / "report.json").read_text())["models"]
+    } == {"demo": str(trained), "shipped": str(BUILTIN)}
+    missing = CliRunner().invoke(
+        cli, ["generate", "--input", "rgb", "--out", "x", "--checkpoint", "nope.pt"]
+    )
+    assert missing.exit_code != 0 and "nope.pt" in missing.output
 
 
 def test_io_faults_are_one_line_also_from_inside_ray_tasks(tmp_path, ray_session):

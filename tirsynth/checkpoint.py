@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tirsynth import __version__
-from tirsynth.config import TrainConfig, from_dict
+from tirsynth.config import BUILTIN_NAME, TrainConfig, from_dict
 from tirsynth.models import build_generator
 from tirsynth.shards import atomic_output
 
@@ -184,6 +184,11 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     generator = build_generator(checkpoint_config(state).model)
     generator.load_state_dict(state.get("generator_ema", state["generator"]))
     return generator.to(device).eval(), state
+
+
+def checkpoint_path(ref: str | Path) -> Path:
+    """The file a checkpoint reference names: BUILTIN for "builtin", else the path."""
+    return BUILTIN if str(ref) == BUILTIN_NAME else Path(ref)
 
 
 def find_best_checkpoint(root: str | Path = "runs") -> Path | None:

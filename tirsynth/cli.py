@@ -13,6 +13,7 @@ import click
 
 from tirsynth import __version__, shards
 from tirsynth.config import (
+    BUILTIN_NAME,
     EvaluateConfig,
     GenerateConfig,
     IngestConfig,
@@ -21,14 +22,30 @@ from tirsynth.config import (
     load_config,
 )
 
+
+class CheckpointType(click.ParamType):
+    """An existing checkpoint file, or "builtin" for the model shipped in the package."""
+
+    name = "FILE|builtin"
+    _file = click.Path(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        if value == BUILTIN_NAME:
+            return value
+        return self._file.convert(value, param, ctx)
+
+
 # Options that several stage commands share.
 out_option = click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Output folder."
 )
+
+CHECKPOINT = CheckpointType()
 checkpoint_option = click.option(
     "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Trained checkpoint [default: the newest best.pt under ./runs].",
+    type=CHECKPOINT,
+    help="Trained checkpoint, or 'builtin' [default: the newest best.pt under ./runs, else "
+    "the built-in model].",
 )
 precision_option = click.option(
     "--precision",
@@ -454,8 +471,8 @@ def _video_quality(text: str | None) -> int | None | bool:
 @click.option(
     "--compare",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="More checkpoints, side by side (repeatable).",
+    type=CHECKPOINT,
+    help="More checkpoints ('builtin' too), side by side (repeatable).",
 )
 @click.option("--name", "names", multiple=True, help="Display names, one per checkpoint.")
 @click.option("--split", help="[test]")
@@ -506,8 +523,8 @@ def evaluate(overrides, **flags) -> None:
 @click.option(
     "--compare",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Another model: one more generated column, after the first (repeatable).",
+    type=CHECKPOINT,
+    help="Another model ('builtin' too): one more generated column, after the first (repeatable).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
 @click.option("--long-side", type=click.IntRange(min=1), help="Override the working scale.")
@@ -523,12 +540,14 @@ def figure(pairs, checkpoint, compare, out, long_side) -> None:
     from pathlib import Path
 
     from tirsynth import evaluate as evaluate_stage
+    from tirsynth.checkpoint import checkpoint_path
     from tirsynth.inference import resolve_checkpoint
 
     with user_errors():
         cfg = EvaluateConfig(long_side=long_side)
+        others = tuple(map(checkpoint_path, compare))
         path = evaluate_stage.results_figure(
-            list(pairs), resolve_checkpoint(checkpoint), Path(out), cfg, tuple(map(Path, compare))
+            list(pairs), resolve_checkpoint(checkpoint), Path(out), cfg, others
         )
     click.echo(f"wrote {path}")
 

@@ -231,6 +231,10 @@ class TrainConfig:
 
 
 CorpusKind = Literal["auto", "folder", "coco", "yolo", "list", "shards", "video", "sequences"]
+# The name that stands for the model shipped in the package wherever a checkpoint is given
+# (--checkpoint, --compare, a pipeline stage), so a user can ask for it while ./runs holds
+# trained ones.
+BUILTIN_NAME = "builtin"
 GeneratePrecision = Literal["auto", "fp32", "bf16", "fp16"]
 
 

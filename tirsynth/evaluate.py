@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from tirsynth import __version__, inference, metrics, quality, shards, temporal
-from tirsynth.checkpoint import checkpoint_config, load_checkpoint
+from tirsynth.checkpoint import checkpoint_config, checkpoint_path, load_checkpoint
 from tirsynth.config import EvaluateConfig, to_dict
 from tirsynth.report import write_report_or_warn
 
@@ -70,7 +70,10 @@ def run(cfg: EvaluateConfig, progress: bool = True) -> EvaluateResult:
     rows = [r for r in shards.read_index(data) if r["split"] == cfg.split]
     if not rows:
         raise ValueError(f"{data}: no samples in split {cfg.split!r}")
-    checkpoints = [inference.resolve_checkpoint(cfg.checkpoint), *map(Path, cfg.compare)]
+    checkpoints = [
+        inference.resolve_checkpoint(cfg.checkpoint),
+        *map(checkpoint_path, cfg.compare),
+    ]
     names = list(cfg.names) or checkpoint_names(checkpoints)
     models = [
         describe_checkpoint(name, path) for name, path in zip(names, checkpoints, strict=True)

@@ -24,12 +24,17 @@ from torch import nn
 
 from tirsynth import images, metrics, shards
 from tirsynth.checkpoint import BUILTIN, find_best_checkpoint, load_generator
+from tirsynth.config import BUILTIN_NAME
 
 
 def resolve_checkpoint(path: str | None, runs: str | Path = "runs") -> Path:
-    """`path`, or the newest best.pt under `runs/`, or the built-in model (printed)."""
-    if path:
+    """`path` ("builtin": the built-in model), or the newest best.pt under `runs/`, or the
+    built-in model (printed)."""
+    if path and str(path) != BUILTIN_NAME:
         return Path(path)
+    if path:
+        print(f"using the built-in model ({BUILTIN.name})")
+        return BUILTIN
     found = find_best_checkpoint(runs)
     if found is not None:
         print(f"using checkpoint {found} (the newest best.pt under ./{runs}/)")

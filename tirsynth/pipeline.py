@@ -36,6 +36,7 @@ import yaml
 
 from tirsynth import shards
 from tirsynth.config import (
+    BUILTIN_NAME,
     EvaluateConfig,
     GenerateConfig,
     IngestConfig,
@@ -47,7 +48,6 @@ from tirsynth.config import (
 STATE = "pipeline.json"
 KINDS = ("ingest", "train", "generate", "evaluate", "report")
 VARIABLE = re.compile(r"\$\{(\w+)\}")
-BUILTIN_REF = "builtin"  # a checkpoint reference: the model shipped in the package
 
 
 def run(path: str | Path, variables: dict[str, Any] | None = None, progress: bool = True):
@@ -238,10 +238,10 @@ STAGES = {
 def _checkpoint(ref: str, outputs: dict[str, Path]) -> Path:
     """A train stage's best checkpoint (its latest when it never validated), the built-in
     model for "builtin", or a path."""
-    if ref == BUILTIN_REF:
-        from tirsynth.checkpoint import BUILTIN  # torch: only when a checkpoint is needed
+    if ref == BUILTIN_NAME:
+        from tirsynth.checkpoint import checkpoint_path  # torch: only when one is needed
 
-        return BUILTIN
+        return checkpoint_path(ref)
     if ref in outputs:
         best = outputs[ref] / "checkpoints" / "best.pt"
         return best if best.exists() else outputs[ref] / "checkpoints" / "latest.pt"
