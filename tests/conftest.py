@@ -171,8 +171,11 @@ def tiny_checkpoint(learnable_shards, tmp_path_factory) -> Path:
     return train.run(cfg, learnable_shards, run, progress=False).best_checkpoint
 
 
-def write_video(path: Path, frames: int, size=(64, 48), offset: int = 0) -> None:
-    """A clip whose frame n is flat grey of level 10 * n + offset (mpeg4 in mp4)."""
+def write_video(
+    path: Path, frames: int, size=(64, 48), offset: int = 0, levels: list[int] | None = None
+) -> None:
+    """A clip whose frame n is flat grey of level 10 * n + offset, or levels[n] (mpeg4 in
+    mp4)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +183,8 @@ def write_video(path: Path, frames: int, size=(64, 48), offset: int = 0) -> None
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         for n in range(frames):
-            pixels = np.full((size[1], size[0], 3), (10 * n + offset) % 256, np.uint8)
+            level = levels[n] if levels else (10 * n + offset) % 256
+            pixels = np.full((size[1], size[0], 3), level, np.uint8)
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

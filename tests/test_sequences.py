@@ -13,7 +13,7 @@ from conftest import write_video
 from PIL import Image
 from test_generate import generate_cfg
 
-from tirsynth import corpus, export, folders, generate, sequences, shards, video
+from tirsynth import corpus, export, folders, generate, sequences, shards, temporal, video
 from tirsynth.cli import cli
 
 SEQINFO = (
@@ -274,3 +274,61 @@ def test_temporal_change_is_measured_between_neighbouring_frames_of_a_sequence()
     scores = ["{}"] * 4
     generate.add_temporal_changes(batch, scores, errors)
     assert scores == ["{}"] * 4
+
+
+def test_temporal_filter_runs_over_consecutive_frames_of_each_sequence_in_the_batch():
+    """Frames in any order in the batch: a and b are filtered apart, each in frame order;
+    a frame after a gap or a failed frame starts afresh, as does an image outside any
+    sequence (left as it is); the input batch is not written to."""
+    rng = np.random.default_rng(0)
+    keys = ["a3", "b1", "a1", "x", "a2", "b2", "a5", "b3", "b4"]
+    sequence = [k[0] if k != "x" else None for k in keys]
+    frame = [int(k[1]) if k != "x" else None for k in keys]
+    tir = rng.integers(0, 256, (len(keys), 8, 8)).astype(np.uint8)
+    tir.setflags(write=False)
+    batch = {
+        "key": np.array(keys, dtype=object),
+        "sequence": np.array(sequence, dtype=object),
+        "frame": np.array(frame, dtype=object),
+        "error": np.array(["", "", "", "", "", "", "", "failed", ""], dtype=object),
+        "tir": tir,
+        "pixels": np.zeros((len(keys), 8, 8, 3), np.uint8),  # a still input
+        "content_width": np.array([8] * len(keys)),
+        "content_height": np.array([6] * len(keys)),
+    }
+    steady = generate.steady_sequences(batch, 4.0)["tir"]
+    index = {k: i for i, k in enumerate(keys)}
+    expected_a = temporal.steady_frames([tir[index[k]][:6] for k in ("a1", "a2", "a3")],
+                                        [np.zeros((6, 8))] * 3, 4.0)  # fmt: skip
+    for k, frame_a in zip(("a1", "a2", "a3"), expected_a, strict=True):
+        assert np.array_equal(steady[index[k]][:6], frame_a)
+    expected_b = temporal.steady_frames([tir[index[k]][:6] for k in ("b1", "b2")],
+                                        [np.zeros((6, 8))] * 2, 4.0)  # fmt: skip
+    assert np.array_equal(steady[index["b2"]][:6], expected_b[1])
+    for k in ("b1", "a1", "a5", "b4", "x", "b3"):  # first of a run, alone, or outside
+        assert np.array_equal(steady[index[k]], tir[index[k]]), k
+    assert not np.array_equal(steady[index["a3"]], tir[index["a3"]])
+    assert np.array_equal(steady[index["a3"]][6:], tir[index["a3"]][6:])  # padding untouched
+
+
+def test_generate_with_a_temporal_filter_changes_less_where_the_input_is_still(
+    tmp_path, tiny_checkpoint, ray_session
+):
+    """A clip whose brightness flickers by 6 grey levels (still, for tau 16): with the filter
+    the outputs change less from frame to frame than without; a resume with another filter
+    is refused."""
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, 12, levels=[80, 86] * 6)
+    change = {}
+    for tau in (None, 16.0):
+        out = tmp_path / f"out-{tau}"
+        cfg = generate_cfg(clip, out, tiny_checkpoint, cpu_batch=12, temporal_filter=tau)
+        result = generate.run(cfg, progress=False)
+        assert result.generated == 12
+        change[tau] = result.report["temporal"]["output_change"]
+    assert change[None] > 0 and change[16.0] < 0.6 * change[None]
+    other = generate_cfg(
+        clip, tmp_path / "out-16.0", tiny_checkpoint, cpu_batch=12, temporal_filter=8.0
+    )
+    with pytest.raises(FileExistsError, match="temporal_filter 16.0 -> 8.0"):
+        generate.run(other, progress=False)

@@ -32,3 +32,28 @@ def test_bench_temporal_on_a_clip_pair(tmp_path):
     assert result["models"]["luma"]["flicker_ratio"] == pytest.approx(1, abs=0.1)
     assert result["models"]["luma"]["temporal_error"] < 1.5
     assert result["models"]["flat"]["flicker_ratio"] == 0
+
+
+def test_steady_frames_still_where_the_input_is_and_unchanged_where_it_moves():
+    """Outputs that redraw noise in every frame of a still scene change far less once
+    filtered; where the input moves by tau or more the filtered frame is the model's own;
+    the first frame is kept as it is."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (32, 32)).astype(np.float64)
+    outputs = [np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+               for _ in range(12)]  # fmt: skip
+    still = [np.full((32, 32), 90, np.uint8)] * 12
+    steady = temporal.steady_frames(outputs, still, tau=4)
+    assert np.array_equal(steady[0], outputs[0])
+    change = temporal.temporal_scores(steady, outputs)["flicker_ratio"]
+    assert change < 0.5
+    assert all(frame.dtype == np.uint8 and frame.shape == (32, 32) for frame in steady)
+    moving = [np.full((32, 32), 90 if k % 2 else 150, np.uint8) for k in range(12)]
+    assert all(np.array_equal(a, b) for a, b in zip(temporal.steady_frames(outputs, moving, 4),
+                                                    outputs, strict=True))  # fmt: skip
+    # Half the frame moving: its pixels, away from the blur's reach, follow the model.
+    half = [np.where(np.arange(32) < 16, 90, 90 + 60 * (k % 2)).astype(np.uint8)[None].repeat(32, 0)
+            for k in range(12)]  # fmt: skip
+    mixed = temporal.steady_frames(outputs, half, tau=4)
+    assert np.array_equal(mixed[5][:, 24:], outputs[5][:, 24:])
+    assert not np.array_equal(mixed[5][:, :8], outputs[5][:, :8])

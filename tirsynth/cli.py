@@ -335,6 +335,13 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     type=click.FloatRange(-1, 1),
     help="Reject outputs whose structure score (an SSIM, -1..1) is below this [no gate].",
 )
+@click.option(
+    "--temporal-filter",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="TAU",
+    help="Sequences: keep the texture still where the input is (a motion-adaptive filter; "
+    "pixels whose input changes by TAU grey levels count as moving, e.g. 4) [off].",
+)
 @click.option("--shard-size", type=click.IntRange(min=1), help="Samples per shard [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUT.")
 @click.option(

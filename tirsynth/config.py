@@ -257,6 +257,9 @@ class GenerateConfig:
     tile: int = 1024  # frames whose model-side square is larger run in overlapping tiles
     keep_rgb: bool = False  # also store the input RGB in each sample
     min_structure: float | None = None  # reject outputs scoring below this; None: no gate
+    # Sequences: tau (grey levels) of a motion-adaptive filter across consecutive frames
+    # (`temporal.steady_frames`), which keeps the texture still where the input is; None: off.
+    temporal_filter: float | None = None
     shard_size: int = 256  # samples per output shard
     max_pixels: int = 178_956_970  # decompression-bomb limit per input image
     overwrite: bool = False  # replace a different generation in `out`
@@ -273,6 +276,8 @@ class GenerateConfig:
             )
         if self.min_structure is not None and not -1 <= self.min_structure <= 1:
             raise ValueError(f"min_structure must be in [-1, 1], got {self.min_structure}")
+        if self.temporal_filter is not None and self.temporal_filter <= 0:
+            raise ValueError(f"temporal_filter must be > 0 grey levels, got {self.temporal_filter}")
 
 
 @dataclass(frozen=True)

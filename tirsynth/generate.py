@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tirsynth import __version__, cluster, images, inference, metrics, shards, video
+from tirsynth import __version__, cluster, images, inference, metrics, shards, temporal, video
 from tirsynth.checkpoint import (
     WEIGHTS_SUFFIX,
     check_generator_weights,
@@ -270,13 +270,18 @@ def postprocess_batch(
     intensity_hist: list[float],
     lbp_hist: list[float],
     min_structure: float | None,
+    temporal_filter: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Map each output back to its input's size, encode it as PNG and score it.
+    """Map each output back to its input's size, encode it as PNG and score it; with
+    `temporal_filter` (tau, grey levels), sequences' frames first go through
+    `steady_sequences`.
 
     Returns:
         key, tir_png (bytes), width, height, rgb, metrics (JSON), error (including low
         structure).
     """
+    if temporal_filter:
+        batch = steady_sequences(batch, temporal_filter)
     real_stats = (torch.tensor(intensity_hist), torch.tensor(lbp_hist))
     names = ("key", "tir_png", "width", "height", "rgb", "metrics", "error")
     columns: dict[str, list] = {name: [] for name in names}
@@ -301,6 +306,47 @@ def postprocess_batch(
     add_temporal_changes(batch, columns["metrics"], columns["error"])
     finished = {name: np.array(values, dtype=object) for name, values in columns.items()}
     return {**finished, **{name: batch[name] for name in PASSED_THROUGH if name in batch}}
+
+
+def steady_sequences(batch: dict[str, np.ndarray], tau: float) -> dict[str, np.ndarray]:
+    """`temporal.steady_frames` over each run of consecutive frames of a sequence in the
+    batch, at the model's scale, before the outputs are mapped back. A CPU batch holds
+    consecutive frames of the listing; the filter starts afresh at its first frame, and
+    after a missing or failed frame or a change of frame size.
+
+    Returns:
+        The batch with its filtered outputs (`tir`).
+    """
+    order = sorted(
+        (sequence, frame, i)
+        for i in range(len(batch["key"]))
+        for sequence, frame in [_sequence_frame(batch, i)]
+        if sequence is not None and frame is not None and not batch["error"][i]
+    )
+    runs: list[list[int]] = []
+    for n, (sequence, frame, i) in enumerate(order):
+        before = order[n - 1] if n else None
+        if (
+            before
+            and before[:2] == (sequence, frame - 1)
+            and _content(batch, i) == _content(batch, before[2])
+        ):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    tir = np.array(batch["tir"])  # writable: Ray may hand the batch over read-only
+    for run in (r for r in runs if len(r) > 1):
+        width, height = _content(batch, run[0])
+        crop = np.s_[:height, :width]
+        lumas = [np.asarray(batch["pixels"][i][crop], np.float32) @ metrics.LUMA for i in run]
+        steady = temporal.steady_frames([tir[i][crop] for i in run], lumas, tau)
+        for i, frame in zip(run, steady, strict=True):
+            tir[i][crop] = frame
+    return {**batch, "tir": tir}
+
+
+def _content(batch, i) -> tuple[int, int]:
+    return int(batch["content_width"][i]), int(batch["content_height"][i])
 
 
 def add_temporal_changes(batch, scores: list[str], errors: list[str]) -> None:
@@ -800,6 +846,7 @@ def stage_options(cfg: GenerateConfig, corpus: Corpus, listing: Listing, geometr
             "intensity_hist": stats["intensity_hist"].tolist(),
             "lbp_hist": stats["lbp_hist"].tolist(),
             "min_structure": cfg.min_structure,
+            "temporal_filter": cfg.temporal_filter,
         },
         write={"out": str(Path(cfg.out).resolve()), "input_kind": corpus.kind},
     )
@@ -915,11 +962,13 @@ def output_options(
     cfg: GenerateConfig, checkpoint: Path, size: int, long_side: int | None = None
 ) -> dict[str, Any]:
     """What decides the outputs: a resumed run must agree on all of it (the fingerprint).
-    The long side is named only where it differs from the square, so that folders written
-    before frames had a working scale resume as they were."""
+    The long side is named only where it differs from the square, and the temporal filter
+    only where it is on, so that folders written before either existed resume as they were."""
     scale = {"long_side": long_side} if long_side not in (None, size) else {}
+    steady = {"temporal_filter": cfg.temporal_filter} if cfg.temporal_filter else {}
     return {
         **scale,
+        **steady,
         "input": str(Path(cfg.input).resolve()),
         "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": shards.file_sha256(checkpoint),

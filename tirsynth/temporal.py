@@ -48,6 +48,40 @@ def temporal_scores(outputs: Iterable[np.ndarray], references: Iterable[np.ndarr
     }
 
 
+# Where the input is still, each filtered frame keeps this share of the model's new frame
+# (the rest from the previous filtered frame): about four frames of memory.
+STILL_WEIGHT = 0.25
+
+
+def steady_frames(
+    outputs: list[np.ndarray], lumas: list[np.ndarray], tau: float, sigma: float = 2.0
+) -> list[np.ndarray]:
+    """A motion-adaptive recursive filter over one sequence's consecutive output frames.
+
+    A per-frame model redraws its texture in every frame, also where the scene is still;
+    the filter moves each output from the previous filtered frame toward the model's new
+    one by STILL_WEIGHT where the input's luma is still, rising to 1 (the new frame as it
+    is) where the luma, blurred by `sigma`, changes by `tau` grey levels or more, so moving
+    objects leave no trail.
+
+    Args:
+        outputs, lumas: the model's outputs and the input's luma, (H, W) each, in frame order.
+        tau: grey levels of input change at which a pixel counts as moving.
+
+    Returns:
+        The filtered frames, (H, W) uint8; the first is the model's own.
+    """
+    from skimage.filters import gaussian
+
+    filtered = [outputs[0].astype(np.float32)]
+    for k in range(1, len(outputs)):
+        change = np.abs(lumas[k].astype(np.float32) - lumas[k - 1].astype(np.float32))
+        motion = gaussian(change, sigma=sigma, preserve_range=True)
+        weight = STILL_WEIGHT + (1 - STILL_WEIGHT) * np.clip(motion / tau, 0, 1)
+        filtered.append(filtered[-1] + weight * (outputs[k].astype(np.float32) - filtered[-1]))
+    return [np.clip(np.rint(frame), 0, 255).astype(np.uint8) for frame in filtered]
+
+
 def paired_frames(rgb_video: Path, tir_video: Path, limit: int = 0) -> Iterator[tuple]:
     """(RGB PIL image, real TIR (H, W) uint8) for each frame of a registered clip pair."""
     from tirsynth import images, video
