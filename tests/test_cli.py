@@ -441,3 +441,7 @@ def test_bench_temporal_reports_every_checkpoint_even_with_one_file_name(tmp_pat
     assert result.exit_code == 0, result.output
     lines = [line.split(":")[0] for line in result.output.splitlines() if "flicker ratio" in line]
     assert lines == ["runA", "runB", "rgb-luma"], result.output
+    steady = CliRunner().invoke(cli, [*args, "--checkpoint", paths[0], "--temporal-filter", "4"])
+    assert steady.exit_code == 0, steady.output
+    lines = [line.split(":")[0] for line in steady.output.splitlines() if "flicker ratio" in line]
+    assert lines == ["runA", "rgb-luma", "runA filtered"], steady.output

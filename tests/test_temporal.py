@@ -57,3 +57,19 @@ def test_steady_frames_still_where_the_input_is_and_unchanged_where_it_moves():
     mixed = temporal.steady_frames(outputs, half, tau=4)
     assert np.array_equal(mixed[5][:, 24:], outputs[5][:, 24:])
     assert not np.array_equal(mixed[5][:, :8], outputs[5][:, :8])
+
+
+def test_bench_temporal_scores_the_filtered_outputs_too(tmp_path):
+    """A still clip and a translator that redraws noise in every frame: through the filter
+    it changes less and its temporal error against the still real TIR falls."""
+    write_video(tmp_path / "rgb.mp4", 10, levels=[100] * 10)
+    write_video(tmp_path / "tir.mp4", 10, levels=[120] * 10)
+    rng = np.random.default_rng(0)
+    noisy = {"noisy": lambda images: [rng.integers(90, 150, (48, 64)).astype(np.uint8)
+                                      for _ in images]}  # fmt: skip
+    result = temporal.bench_temporal(
+        tmp_path / "rgb.mp4", tmp_path / "tir.mp4", noisy, temporal_filter=4, filtered=["noisy"]
+    )
+    plain, steady = result["models"]["noisy"], result["models"]["noisy filtered"]
+    assert steady["temporal_error"] < 0.6 * plain["temporal_error"]
+    assert steady["output_change"] < 0.6 * plain["output_change"]

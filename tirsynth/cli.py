@@ -47,6 +47,13 @@ checkpoint_option = click.option(
     help="Trained checkpoint, or 'builtin' [default: the newest best.pt under ./runs, else "
     "the built-in model].",
 )
+temporal_filter_option = click.option(
+    "--temporal-filter",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="TAU",
+    help="Sequences: keep the texture still where the input is (a motion-adaptive filter; "
+    "pixels whose input changes by TAU grey levels count as moving, e.g. 4) [off].",
+)
 precision_option = click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -335,13 +342,7 @@ def train(config_path, data, out, resume, workers, address, overrides, dry_run) 
     type=click.FloatRange(-1, 1),
     help="Reject outputs whose structure score (an SSIM, -1..1) is below this [no gate].",
 )
-@click.option(
-    "--temporal-filter",
-    type=click.FloatRange(min=0, min_open=True),
-    metavar="TAU",
-    help="Sequences: keep the texture still where the input is (a motion-adaptive filter; "
-    "pixels whose input changes by TAU grey levels count as moving, e.g. 4) [off].",
-)
+@temporal_filter_option
 @click.option("--shard-size", type=click.IntRange(min=1), help="Samples per shard [256].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a different run in OUT.")
 @click.option(
@@ -868,35 +869,41 @@ def bench_generate(source, checkpoint, batch_size, precision, limit, long_side, 
     "--checkpoint",
     "checkpoints",
     multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
+    type=CHECKPOINT,
     help="Checkpoints to score (repeatable) [the built-in model].",
 )
 @click.option("--frames", default=0, type=click.IntRange(min=0), help="First N frames (0: all).")
 @click.option("--long-side", type=click.IntRange(min=1), help="Override the working scale.")
 @precision_option
-def bench_temporal(rgb_video, tir_video, checkpoints, frames, long_side, precision) -> None:
+@temporal_filter_option
+def bench_temporal(
+    rgb_video, tir_video, checkpoints, frames, long_side, precision, temporal_filter
+) -> None:
     """Flicker ratio and temporal error of per-frame generation on a registered RGB/TIR clip
     pair, for each checkpoint and RGB luma (1 = as much frame-to-frame change as the real
-    TIR).
+    TIR); with --temporal-filter, each checkpoint also through generate's filter.
 
     \b
     Example:
       tirsynth bench temporal m3svd/visible/0113_1714.mp4 m3svd/infrared/0113_1714.mp4
     """
-    from pathlib import Path
 
     from tirsynth import evaluate, temporal
-    from tirsynth.checkpoint import BUILTIN
+    from tirsynth.checkpoint import BUILTIN, checkpoint_path
 
     cfg = EvaluateConfig(long_side=long_side, precision=precision or "auto")
-    paths = [Path(c) for c in checkpoints] or [BUILTIN]
+    paths = [checkpoint_path(c) for c in checkpoints] or [BUILTIN]
     with user_errors():
         translators = {
             name: evaluate.translator(evaluate.describe_checkpoint(name, path), cfg)
             for name, path in zip(evaluate.checkpoint_names(paths), paths, strict=True)
         }
+        models = list(translators)
         translators["rgb-luma"] = evaluate.translator({"kind": "baseline", "name": "rgb-luma"}, cfg)
-        result = temporal.bench_temporal(rgb_video, tir_video, translators, limit=frames)
+        result = temporal.bench_temporal(
+            rgb_video, tir_video, translators, frames, temporal_filter=temporal_filter,
+            filtered=models,
+        )  # fmt: skip
     bench_echo(f"frames: {result['frames']}")
     bench_echo(f"real TIR change per frame (grey levels): {result['real_change']:.2f}")
     for name, scores in result["models"].items():

@@ -13,7 +13,7 @@ Without real TIR the input's own change (its luma) stands in for R.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +107,24 @@ def bench_temporal(
     translators: dict[str, Callable[[list], list[np.ndarray]]],
     limit: int = 0,
     batch_size: int = 8,
+    temporal_filter: float | None = None,
+    filtered: Collection[str] = (),
 ) -> dict[str, Any]:
     """Temporal scores of each translator (list of RGB images -> list of (H, W) uint8) on
-    a registered clip pair, against its real TIR; `limit` frames at most (0: all)."""
+    a registered clip pair, against its real TIR; `limit` frames at most (0: all). With
+    `temporal_filter` (tau), the translators named in `filtered` are also scored through
+    `steady_frames` over the whole clip, as "NAME filtered"."""
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in translators}
     reals: list[np.ndarray] = []
+    lumas: list[np.ndarray] = []
     batch: list = []
 
     def flush() -> None:
         for name, translate in translators.items():
             outputs[name] += translate([rgb for rgb, _ in batch])
         reals.extend(tir for _, tir in batch)
+        if temporal_filter:
+            lumas.extend(np.asarray(rgb.convert("L")) for rgb, _ in batch)
         batch.clear()
 
     for pair in paired_frames(Path(rgb_video), Path(tir_video), limit):
@@ -127,8 +134,8 @@ def bench_temporal(
     if batch:
         flush()
     real_change = temporal_scores(reals, reals)["output_change"]
-    return {
-        "frames": len(reals),
-        "real_change": real_change,
-        "models": {name: temporal_scores(out, reals) for name, out in outputs.items()},
-    }
+    models = {name: temporal_scores(out, reals) for name, out in outputs.items()}
+    for name in filtered if temporal_filter else ():
+        steady = steady_frames(outputs[name], lumas, temporal_filter)
+        models[f"{name} filtered"] = temporal_scores(steady, reals)
+    return {"frames": len(reals), "real_change": real_change, "models": models}
