@@ -62,7 +62,7 @@ def steady_frames(
     the filter moves each output from the previous filtered frame toward the model's new
     one by STILL_WEIGHT where the input's luma is still, rising to 1 (the new frame as it
     is) where the luma, blurred by `sigma`, changes by `tau` grey levels or more, so moving
-    objects leave no trail.
+    objects leave little trail (less where the input is dark and changes little).
 
     Args:
         outputs, lumas: the model's outputs and the input's luma, (H, W) each, in frame order.
